@@ -1,0 +1,44 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Each creates .venv if missing and installs everything (torch pinned first, so pip
+# never resolves a CUDA build of torch as a dependency of something else).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.xkt-installed
+
+.PHONY: install demo test lint typecheck unit clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/xkt-bench demo --work .cache/demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# mypy needs the installed import names (xkt.shared, ...), which the folders only get
+# through the package-dir mapping; a throw-away tree of links gives it exactly that.
+typecheck: install
+	rm -rf build/typecheck && mkdir -p build/typecheck/xkt
+	for d in shared server client protos benchmarks; do ln -s ../../../$$d build/typecheck/xkt/$$d; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
+		-p xkt.shared -p xkt.server -p xkt.client -p xkt.protos -p xkt.benchmarks
+
+unit: install
+	$(PY) -m pytest
+
+test: lint typecheck unit
+
+clean:
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache .cache

@@ -1,0 +1,1 @@
+"""Benchmarks and the demo: data generation, accuracy tables, speed and load measurements."""

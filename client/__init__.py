@@ -1,0 +1,1 @@
+"""xkt site side: fetch, verify, adapt, evaluate."""

@@ -1,0 +1,1 @@
+"""xkt owner side: source training, signing, provisioning, serving."""

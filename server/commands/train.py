@@ -1,0 +1,104 @@
+"""``xkt-server train``: train the RGB source model and publish it as a signed artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from xkt.server.source_training import SourceTrainConfig, train_source
+from xkt.shared.artifact import InputSpec, save_artifact
+from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, cli_errors, prepare
+from xkt.shared.config import load_config, to_dict
+from xkt.shared.data import fingerprint, read_labels
+from xkt.shared.errors import DataError
+from xkt.shared.log import emit_json, progress_bar, stderr_console
+from xkt.shared.signing import load_private_key
+
+
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Data folder with owner/train and owner/val labels.csv.")],
+    key: Annotated[Path, typer.Option("--key", help="Owner private key (from `xkt-server keys init`).")],
+    out: Annotated[Path, typer.Option("--out", help="Artifact folder to create (written atomically).")],
+    arch: Annotated[
+        str | None, typer.Option("--arch", help="Architecture: resnet18, resnet_tiny, mobilenet_v2.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs (overrides config).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML config file.")] = None,
+    overrides: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    checkpoints: Annotated[
+        Path | None,
+        typer.Option("--checkpoints", help="Checkpoint folder [default: OUT.ckpt].", rich_help_panel="Advanced"),
+    ] = None,
+    model_id: Annotated[str, typer.Option("--model-id", help="Model id recorded in the manifest.")] = "xkt-source",
+    model_version: Annotated[str, typer.Option("--model-version", help="Model version in the manifest.")] = "1",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact at OUT.")] = False,
+    json_output: JsonOption = False,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the source classifier with SHOT's recipe and write a signed artifact."""
+    prepare(verbose, quiet)
+    with cli_errors(json_output=json_output, verbose=verbose):
+        private_key = load_private_key(key)  # fail before hours of training, not after
+        if not (data / "owner" / "train" / "labels.csv").is_file():
+            raise DataError(
+                f"{data} has no owner/train/labels.csv",
+                hint="generate the built-in data with `xkt-bench data --kind shapes --out DIR`",
+                reason="missing-owner-data",
+            )
+        extra = [
+            *(overrides or []),
+            *([f'model.name="{arch}"'] if arch else []),
+            *([f"epochs={epochs}"] if epochs else []),
+        ]
+        cfg = load_config(SourceTrainConfig, path=config, overrides=extra)
+        with progress_bar(not quiet) as bar:
+            task = bar.add_task("training", total=None, status="")
+
+            def report(label: str, done: int, total: int, status: str) -> None:
+                bar.update(task, description=label, completed=done, total=total, status=status)
+
+            trained = train_source(
+                data, cfg, checkpoints or out.with_name(out.name + ".ckpt"), resume=resume, progress=report
+            )
+        train_rows = read_labels(data / "owner" / "train" / "labels.csv")
+        manifest = save_artifact(
+            trained.model,
+            out_dir=out,
+            private_key=private_key,
+            model_id=model_id,
+            model_version=model_version,
+            arch=trained.arch,
+            class_names=trained.class_names,
+            input_spec=InputSpec(
+                modality="rgb",
+                channels=3,
+                size=trained.preprocess.size,
+                mean=trained.preprocess.mean,
+                std=trained.preprocess.std,
+            ),
+            provenance={
+                "kind": "source",
+                "recipe": "shot-source",
+                "config": to_dict(cfg),
+                "data_fingerprint": fingerprint([r.path for r in train_rows], data),
+                "metrics": {k: v for k, v in trained.metrics.items() if k != "history"},
+            },
+            overwrite=overwrite,
+        )
+        result = {"ok": True, "artifact": str(out), "weights_sha256": manifest.weights.sha256, **trained.metrics}
+        if json_output:
+            emit_json(result)
+        else:
+            _print_summary(result)
+
+
+def _print_summary(result: dict[str, object]) -> None:
+    table = Table(title="source training", show_header=False)
+    for key in ("artifact", "best_val_accuracy", "best_epoch", "epochs", "train_images", "seconds", "weights_sha256"):
+        table.add_row(key, str(result[key]))
+    stderr_console().print(table)

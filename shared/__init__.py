@@ -1,0 +1,1 @@
+"""xkt shared code: models, artifacts, data contract, the built-in benchmark."""
