@@ -9,17 +9,13 @@ from typing import Annotated
 import typer
 
 from xkt.benchmarks.demo import run_demo
-from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, cli_errors, prepare
+from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, command, new_app
 from xkt.shared.log import emit_json, progress_bar, stderr_console
 from xkt.shared.shapes_benchmark import ShapesConfig, write_shapes_benchmark
 
-app = typer.Typer(
-    name="xkt-bench",
-    help="Benchmarks: generate the built-in cross-modal data, run the demo.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+app = new_app(
+    "xkt-bench",
+    "Benchmarks: generate the built-in cross-modal data, run the demo.",
 )
 
 
@@ -44,8 +40,7 @@ def data(
     quiet: QuietOption = False,
 ) -> None:
     """Render the built-in RGB / depth / infrared shapes benchmark in the site data contract."""
-    prepare(verbose, quiet)
-    with cli_errors(json_output=json_output, verbose=verbose):
+    with command(json_output=json_output, verbose=verbose, quiet=quiet):
         cfg = ShapesConfig(seed=seed, size=size, per_class=per_class, sites=sites, skew=skew)
         with progress_bar(not quiet) as bar:
             task = bar.add_task("rendering", total=None, status="")
@@ -71,8 +66,7 @@ def demo(
     quiet: QuietOption = False,
 ) -> None:
     """Generate the data, train (or reuse) the owner's model, and show it failing on depth and IR."""
-    prepare(verbose, quiet)
-    with cli_errors(json_output=json_output, verbose=verbose):
+    with command(json_output=json_output, verbose=verbose, quiet=quiet):
         result = run_demo(work, epochs=epochs)
         if json_output:
             emit_json({"ok": True, **result})

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import typer
-
 from xkt.client.commands import evaluate, validate_data
+from xkt.shared.cli_support import new_app
 
-app = typer.Typer(
-    name="xkt-client",
-    help="Site: check local data and evaluate models (later: fetch, adapt, join a federation).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+app = new_app(
+    "xkt-client",
+    "Site: check local data and evaluate models (later: fetch, adapt, join a federation).",
 )
 app.command("validate-data")(validate_data.validate_data)
 app.command("evaluate")(evaluate.evaluate)

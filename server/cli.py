@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import typer
-
 from xkt.server.commands import keys, train
+from xkt.shared.cli_support import new_app
 
-app = typer.Typer(
-    name="xkt-server",
-    help="Model owner: train and sign the RGB source model (later: provision sites, serve, federate).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+app = new_app(
+    "xkt-server",
+    "Model owner: train and sign the RGB source model (later: provision sites, serve, federate).",
 )
 app.add_typer(keys.app, name="keys")
 app.command("train")(train.train)

@@ -29,9 +29,27 @@ SetOption = Annotated[
 ]
 
 
-def prepare(verbose: int, quiet: bool) -> None:
-    """Configure logging for a command from its -v/-q flags."""
+def new_app(name: str, help_text: str) -> typer.Typer:
+    """A Typer app with xkt's conventions: -h, help when called bare, no pretty tracebacks.
+
+    Pretty exceptions stay off because they print local variables, which can hold keys.
+    """
+    return typer.Typer(
+        name=name,
+        help=help_text,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+
+@contextmanager
+def command(*, json_output: bool, verbose: int, quiet: bool) -> Iterator[None]:
+    """The body of every command: logging from -v/-q, then :func:`cli_errors` around it."""
     setup_logging(-1 if quiet else verbose)
+    with cli_errors(json_output=json_output, verbose=verbose):
+        yield
 
 
 @contextmanager

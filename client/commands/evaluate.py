@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from xkt.shared.artifact import load_artifact
-from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, cli_errors, prepare
+from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, command
 from xkt.shared.data import Preprocess, labelled_dataset, read_modality
 from xkt.shared.evaluation import Accuracy, accuracy
 from xkt.shared.log import emit_json, stderr_console
@@ -25,8 +25,7 @@ def evaluate(
     quiet: QuietOption = False,
 ) -> None:
     """Verify a model artifact, then measure its accuracy on the site's labelled eval images."""
-    prepare(verbose, quiet)
-    with cli_errors(json_output=json_output, verbose=verbose):
+    with command(json_output=json_output, verbose=verbose, quiet=quiet):
         loaded = load_artifact(model, [load_public_key(owner_key)])
         spec = loaded.manifest.input_spec
         preprocess = Preprocess(spec.size, tuple(spec.mean), tuple(spec.std))  # type: ignore[arg-type]

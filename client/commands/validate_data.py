@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from xkt.client.data_checks import SiteReport, validate_site
-from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, cli_errors, prepare
+from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, command
 from xkt.shared.errors import DataError
 from xkt.shared.log import emit_json, stderr_console
 
@@ -21,8 +21,7 @@ def validate_data(
     quiet: QuietOption = False,
 ) -> None:
     """Check a site's data folder and say what is wrong and how to fix it."""
-    prepare(verbose, quiet)
-    with cli_errors(json_output=json_output, verbose=verbose):
+    with command(json_output=json_output, verbose=verbose, quiet=quiet):
         report = validate_site(site)
         if json_output:
             emit_json(report.to_json())

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, cli_errors, prepare
+from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, command
 from xkt.shared.log import emit_json, stderr_console
 from xkt.shared.signing import fingerprint, generate_keypair, load_public_key
 
@@ -22,8 +22,7 @@ def init(
     quiet: QuietOption = False,
 ) -> None:
     """Create an Ed25519 owner key pair; the private key never leaves this folder."""
-    prepare(verbose, quiet)
-    with cli_errors(json_output=json_output, verbose=verbose):
+    with command(json_output=json_output, verbose=verbose, quiet=quiet):
         private_path, public_path = generate_keypair(out)
         key_id = fingerprint(load_public_key(public_path))
         if json_output:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from xkt.server.source_training import SourceTrainConfig, train_source
 from xkt.shared.artifact import InputSpec, save_artifact
-from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, cli_errors, prepare
+from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, command
 from xkt.shared.config import load_config, to_dict
 from xkt.shared.data import fingerprint, read_labels
 from xkt.shared.errors import DataError
@@ -41,8 +41,7 @@ def train(
     quiet: QuietOption = False,
 ) -> None:
     """Train the source classifier with SHOT's recipe and write a signed artifact."""
-    prepare(verbose, quiet)
-    with cli_errors(json_output=json_output, verbose=verbose):
+    with command(json_output=json_output, verbose=verbose, quiet=quiet):
         private_key = load_private_key(key)  # fail before hours of training, not after
         if not (data / "owner" / "train" / "labels.csv").is_file():
             raise DataError(
