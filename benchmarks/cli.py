@@ -31,7 +31,10 @@ def data(
     kind: Annotated[DataKind, typer.Option("--kind", help="Which benchmark.")] = DataKind.shapes,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same bytes.")] = 0,
     size: Annotated[int, typer.Option("--size", min=16, max=256, help="Image side in pixels.")] = 64,
-    per_class: Annotated[int, typer.Option("--per-class", min=2, help="Owner training images per task class.")] = 300,
+    per_class: Annotated[int, typer.Option("--per-class", min=2, help="Owner training images per task class.")] = 3000,
+    site_per_class: Annotated[
+        int, typer.Option("--site-per-class", min=2, help="Unlabelled target images per task class, per modality.")
+    ] = 300,
     sites: Annotated[int, typer.Option("--sites", min=1, help="Split each modality's target data across K sites.")] = 1,
     skew: Annotated[float, typer.Option("--skew", min=0.0, help="Class skew across sites (0 = IID).")] = 0.0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT folder.")] = False,
@@ -41,7 +44,9 @@ def data(
 ) -> None:
     """Render the built-in RGB / depth / infrared shapes benchmark in the site data contract."""
     with command(json_output=json_output, verbose=verbose, quiet=quiet):
-        cfg = ShapesConfig(seed=seed, size=size, per_class=per_class, sites=sites, skew=skew)
+        cfg = ShapesConfig(
+            seed=seed, size=size, per_class=per_class, site_per_class=site_per_class, sites=sites, skew=skew
+        )
         with progress_bar(not quiet) as bar:
             task = bar.add_task("rendering", total=None, status="")
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from xkt.client.commands import evaluate, validate_data
+from xkt.client.commands import csr, doctor, evaluate, fetch, validate_data
 from xkt.shared.cli_support import new_app
 
 app = new_app(
     "xkt-client",
-    "Site: check local data and evaluate models (later: fetch, adapt, join a federation).",
+    "Site: check local data, fetch and verify the owner's model, adapt it, evaluate it.",
 )
 app.command("validate-data")(validate_data.validate_data)
 app.command("evaluate")(evaluate.evaluate)
+app.command("csr")(csr.csr)
+app.command("fetch")(fetch.fetch)
+app.command("doctor")(doctor.doctor)
 
 
 def main() -> None:

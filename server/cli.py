@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from xkt.server.commands import keys, train
+from xkt.server.commands import audit, keys, provision, serve, tokens, train
 from xkt.shared.cli_support import new_app
 
 app = new_app(
     "xkt-server",
-    "Model owner: train and sign the RGB source model (later: provision sites, serve, federate).",
+    "Model owner: train and sign the RGB source model, provision sites, serve it over gRPC.",
 )
 app.add_typer(keys.app, name="keys")
+app.add_typer(provision.app, name="provision")
 app.command("train")(train.train)
+app.command("serve")(serve.serve)
+app.add_typer(audit.app, name="audit")
+app.add_typer(tokens.app, name="tokens")
 
 
 def main() -> None:

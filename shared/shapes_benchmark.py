@@ -72,7 +72,8 @@ class ShapesConfig:
 
     seed: int = 0
     size: int = 64
-    per_class: int = 300
+    per_class: int = 3000  # owner training images per task class
+    site_per_class: int = 300  # per modality: unlabelled target images per task class, over all sites
     sites: int = 1
     skew: float = 0.0
     modalities: tuple[str, ...] = ("depth", "ir")
@@ -85,10 +86,10 @@ class ShapesConfig:
             raise DataError(f"per_class {self.per_class} must be >= 1", hint="use --per-class 1 or more")
         if self.sites < 1:
             raise DataError(f"sites {self.sites} must be >= 1", hint="use --sites 1 or more")
-        if self.per_class < self.sites:
+        if self.site_per_class < self.sites:
             raise DataError(
-                f"per_class {self.per_class} < sites {self.sites}: a site would get no image of some class",
-                hint="raise --per-class or lower --sites",
+                f"site_per_class {self.site_per_class} < sites {self.sites}: a site would get no image of some class",
+                hint="raise --site-per-class or lower --sites",
             )
         if not self.skew >= 0.0 or not np.isfinite(self.skew):
             raise DataError(f"skew {self.skew} must be a finite number >= 0", hint="use --skew 0 for IID sites")
@@ -101,15 +102,15 @@ class ShapesConfig:
 
     @property
     def val_per_class(self) -> int:
-        return max(2, self.per_class // 5)
+        return max(2, self.per_class // 10)
 
     @property
     def eval_per_class(self) -> int:
-        return max(2, self.per_class // 3)
+        return max(2, self.site_per_class // 3)
 
     @property
     def pairs_per_class(self) -> int:
-        return max(2, self.per_class // 2)
+        return max(2, self.site_per_class // 2)
 
 
 def split_generator(seed: int, name: str) -> torch.Generator:
@@ -142,7 +143,7 @@ def site_class_counts(cfg: ShapesConfig) -> tuple[list[list[int]], list[list[int
     target = [[0] * n_cls for _ in range(k)]
     evals = [[0] * n_cls for _ in range(k)]
     for c in range(n_cls):
-        extra = _apportion(cfg.per_class - k, shares[c])
+        extra = _apportion(cfg.site_per_class - k, shares[c])
         for s in range(k):
             target[s][c] = 1 + extra[s]
         for s, n in enumerate(_apportion(cfg.eval_per_class, [target[s][c] for s in range(k)])):

@@ -33,7 +33,21 @@ def run_json(*args: str, expect: int = 0) -> dict[str, Any]:
 def owner(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("owner")
     data, keys, model = root / "data", root / "keys", root / "model"
-    run("xkt-bench", "data", "--kind", "shapes", "--out", str(data), "--per-class", "12", "--size", "32", "--quiet")
+    run(
+        "xkt-bench",
+        "data",
+        "--kind",
+        "shapes",
+        "--out",
+        str(data),
+        "--per-class",
+        "12",
+        "--site-per-class",
+        "12",
+        "--size",
+        "32",
+        "--quiet",
+    )
     run("xkt-server", "keys", "init", "--out", str(keys))
     args = ["train", "--data", str(data), "--key", str(keys / "owner.key"), "--out", str(model)]
     run("xkt-server", *args, "--arch", "resnet_tiny", "--epochs", "2", "--set", "batch_size=16", "--quiet")

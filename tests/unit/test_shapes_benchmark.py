@@ -18,7 +18,7 @@ from xkt.shared.errors import DataError
 from xkt.shared.render import MAX_RANGE_MM, TASK_CLASSES, THERMAL_RANGE_CK, TI_CLASSES
 from xkt.shared.shapes_benchmark import ShapesConfig, write_shapes_benchmark
 
-SMALL = ShapesConfig(seed=3, size=16, per_class=6)
+SMALL = ShapesConfig(seed=3, size=16, per_class=6, site_per_class=6)
 
 
 def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -49,7 +49,9 @@ def one_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 @pytest.fixture(scope="module")
 def three_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("sb3") / "bench"
-    return out, write_shapes_benchmark(out, ShapesConfig(seed=1, size=16, per_class=9, sites=3, skew=2.0))
+    return out, write_shapes_benchmark(
+        out, ShapesConfig(seed=1, size=16, per_class=9, site_per_class=9, sites=3, skew=2.0)
+    )
 
 
 def test_png16_round_trips_through_pillow(tmp_path: Path) -> None:
@@ -137,11 +139,13 @@ def test_three_skewed_sites(three_sites: tuple[Path, dict[str, Any]]) -> None:
 
 
 def test_same_seed_is_byte_identical_other_seed_is_not(tmp_path: Path) -> None:
-    cfg = ShapesConfig(seed=5, size=12, per_class=3, modalities=("ir",))
+    cfg = ShapesConfig(seed=5, size=12, per_class=3, site_per_class=3, modalities=("ir",))
     a = _tree(tmp_path / "a") if write_shapes_benchmark(tmp_path / "a", cfg) else {}
     b = _tree(tmp_path / "b") if write_shapes_benchmark(tmp_path / "b", cfg) else {}
     assert a == b and len(a) > 50
-    write_shapes_benchmark(tmp_path / "c", ShapesConfig(seed=6, size=12, per_class=3, modalities=("ir",)))
+    write_shapes_benchmark(
+        tmp_path / "c", ShapesConfig(seed=6, size=12, per_class=3, site_per_class=3, modalities=("ir",))
+    )
     c = _tree(tmp_path / "c")
     assert a.keys() == c.keys() and a != c
 
@@ -153,7 +157,7 @@ def test_failure_halfway_leaves_no_output(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(sb, "_write_pairs", boom)
     out = tmp_path / "bench"
     with pytest.raises(RuntimeError, match="disk full"):
-        write_shapes_benchmark(out, ShapesConfig(size=12, per_class=2))
+        write_shapes_benchmark(out, ShapesConfig(size=12, per_class=2, site_per_class=2))
     assert not out.exists()
     assert not (tmp_path / "bench.partial").exists()
 
@@ -162,7 +166,7 @@ def test_refuses_non_empty_output_unless_forced(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    cfg = ShapesConfig(size=12, per_class=2, modalities=("depth",))
+    cfg = ShapesConfig(size=12, per_class=2, site_per_class=2, modalities=("depth",))
     with pytest.raises(DataError) as err:
         write_shapes_benchmark(out, cfg)
     assert err.value.reason == "out-exists" and "--force" in err.value.hint
@@ -179,7 +183,9 @@ def test_empty_existing_output_is_fine_and_progress_is_reported(tmp_path: Path) 
     out.mkdir()
     seen: list[tuple[str, int, int]] = []
     write_shapes_benchmark(
-        out, ShapesConfig(size=12, per_class=2, modalities=("depth",)), lambda s, d, t: seen.append((s, d, t))
+        out,
+        ShapesConfig(size=12, per_class=2, site_per_class=2, modalities=("depth",)),
+        lambda s, d, t: seen.append((s, d, t)),
     )
     stages = {s for s, _, _ in seen}
     assert {"owner/train", "owner/val", "eval", "target/depth", "paired/depth"} == stages
@@ -191,7 +197,7 @@ def test_empty_existing_output_is_fine_and_progress_is_reported(tmp_path: Path) 
     [
         ShapesConfig(size=4),
         ShapesConfig(per_class=0),
-        ShapesConfig(per_class=2, sites=3),
+        ShapesConfig(site_per_class=2, sites=3),
         ShapesConfig(skew=-1.0),
         ShapesConfig(modalities=("sketch",)),
         ShapesConfig(modalities=()),

@@ -49,6 +49,13 @@ def test_lr_factor_follows_shot_polynomial_decay() -> None:
     assert lr_factor(50, 100, optim) == pytest.approx(6**-0.75)
 
 
+def test_lr_factor_warms_up_linearly_first() -> None:
+    optim = OptimConfig()
+    assert lr_factor(0, 100, optim, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_factor(4, 100, optim, warmup_steps=10) == pytest.approx(0.5 * 1.4**-0.75)
+    assert lr_factor(20, 100, optim, warmup_steps=10) == pytest.approx(3.0**-0.75)
+
+
 def test_backbone_learns_ten_times_slower() -> None:
     optimizer = make_optimizer(build_model(ArchSpec("resnet_tiny", 2)), OptimConfig(lr=0.01, backbone_lr_ratio=0.1))
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.001, 0.01])
