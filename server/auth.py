@@ -34,6 +34,7 @@ import grpc  # type: ignore[import-untyped, unused-ignore]  # no stubs in the de
 
 from xkt.shared.errors import ConfigError
 from xkt.shared.grpc_options import AUTH_METADATA_KEY
+from xkt.shared.tls import peer_cert_from_auth_context, site_id_from_cert
 
 logger = logging.getLogger("xkt")
 
@@ -144,11 +145,20 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
-def certificate_identity(auth_context: Mapping[str, Any]) -> str | None:
-    """The verified peer certificate's common name, else its first SAN; None without a certificate.
+def certificate_identity(auth_context: Mapping[str, Any], revoked: frozenset[int] = frozenset()) -> str | None:
+    """The site a verified client certificate proves, or None (no certificate, or revoked).
 
-    gRPC gives each property as a list of bytes values; only TLS-verified peers have them.
+    gRPC verifies the chain but has no CRL hook, so the revocation list written by
+    ``xkt-server provision revoke`` is checked here against the certificate's serial.
+    Identity is the ``xkt://site/<id>`` URI SAN of provisioned kits; certificates from
+    another issuer that lack it fall back to the common name, else the first SAN.
     """
+    cert = peer_cert_from_auth_context(auth_context)
+    if cert is not None and cert.serial_number in revoked:
+        return None
+    site = site_id_from_cert(cert) if cert is not None else None
+    if site is not None:
+        return site
     for key in ("x509_common_name", "x509_subject_alternative_name"):
         values = auth_context.get(key) or []
         if values and isinstance(values[0], bytes):
@@ -170,16 +180,18 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unused-igno
         mtls: bool,
         allow_anonymous: bool = False,
         on_refused: Callable[[str], None] | None = None,
+        revoked: frozenset[int] = frozenset(),
     ) -> None:
         self._tokens = tokens
         self._mtls = mtls
+        self._revoked = revoked
         self._allow_anonymous = allow_anonymous
         self._on_refused = on_refused
 
     def identify(self, context: grpc.ServicerContext) -> str | None:
         """The site calling, or None if it proved no identity."""
         if self._mtls:
-            site = certificate_identity(context.auth_context())
+            site = certificate_identity(context.auth_context(), self._revoked)
             if site is not None:
                 return site
         token = _bearer(context.invocation_metadata())

@@ -34,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[i
 from xkt.protos import source_model_pb2, source_model_pb2_grpc
 from xkt.server.audit_log import AuditLog
 from xkt.server.auth import AuthInterceptor, load_tokens
+from xkt.server.provision import load_revoked
 from xkt.server.servicer import SourceModelServicer
 from xkt.shared.artifact import verify_artifact
 from xkt.shared.errors import ConfigError, TransportError
@@ -56,6 +57,7 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_ca: Path | None = None
+    pki: Path | None = None  # the owner PKI folder: its revoked.json lists refused site certificates
     tokens: Path | None = None
     insecure: bool = False
     force_insecure: bool = False
@@ -194,8 +196,9 @@ def run_server(cfg: ServeConfig) -> Iterator[RunningServer]:
             )
 
     tokens = load_tokens(cfg.tokens) if cfg.tokens is not None else None
+    revoked = frozenset(load_revoked(cfg.pki)) if cfg.pki is not None else frozenset()
     interceptor = AuthInterceptor(
-        tokens, mtls=cfg.client_ca is not None, allow_anonymous=cfg.allow_anonymous, on_refused=refused
+        tokens, mtls=cfg.client_ca is not None, allow_anonymous=cfg.allow_anonymous, on_refused=refused, revoked=revoked
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="xkt-rpc"),

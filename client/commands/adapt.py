@@ -120,7 +120,8 @@ def adapt(
     site_key: Annotated[
         Path | None,
         typer.Option(
-            "--site-key", help="Ed25519 private key that signs the adapted model [default: SITE/.xkt/site.key]."
+            "--site-key",
+            help="Ed25519 private key that signs the adapted model (default: SITE/.xkt/site.key, generated on first use).",
         ),
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML file with AdaptConfig values.")] = None,
@@ -128,13 +129,13 @@ def adapt(
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Adaptation epochs (overrides config).")] = None,
     cache: Annotated[
         Path | None,
-        typer.Option("--cache", help="Model cache by digest [default: $XKT_HOME/cache, else OUT/../.xkt-cache]."),
+        typer.Option("--cache", help="Model cache by digest (default: $XKT_HOME/cache, else OUT/../.xkt-cache)."),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints in OUT.ckpt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous adapt output at OUT.")] = False,
     model_id: Annotated[
         str | None,
-        typer.Option("--model-id", help="Adapted model id [default: SOURCE-ID-METHOD].", rich_help_panel=_ADVANCED),
+        typer.Option("--model-id", help="Adapted model id (default: SOURCE_ID-METHOD).", rich_help_panel=_ADVANCED),
     ] = None,
     ca_cert: CaCertOption = None,
     client_cert: ClientCertOption = None,

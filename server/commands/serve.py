@@ -27,6 +27,10 @@ def serve(
     client_ca: Annotated[
         Path | None, typer.Option("--client-ca", help="CA for site certificates: enables mutual TLS.")
     ] = None,
+    pki: Annotated[
+        Path | None,
+        typer.Option("--pki", help="Owner PKI folder: site certificates in its revoked.json are refused."),
+    ] = None,
     tokens: Annotated[
         Path | None, typer.Option("--tokens", help="Per-site token hashes (see `xkt-server tokens add`).")
     ] = None,
@@ -64,6 +68,7 @@ def serve(
             tls_cert=tls_cert,
             tls_key=tls_key,
             client_ca=client_ca,
+            pki=pki,
             tokens=tokens,
             insecure=insecure,
             force_insecure=force_insecure,

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import xkt.client.commands.adapt as adapt_command
 from xkt.protos import source_model_pb2 as pb
 from xkt.server.auth import add_token
-from xkt.server.serving import RunningServer, ServeConfig, run_server
+from xkt.server.serving import ServeConfig, run_server
 from xkt.shared.artifact import InputSpec, save_artifact, verify_artifact
 from xkt.shared.cli_support import new_app
 from xkt.shared.data import IMAGENET_MEAN, IMAGENET_STD, fingerprint, list_images
@@ -219,3 +219,29 @@ def test_existing_out_refused_and_overwrite_replaces(world: World, tmp_path: Pat
     code, result, err = run_adapt(world, site, out, "source-only", "--overwrite")
     assert code == 0, err
     assert result["cached"] is True and {p.name for p in out.iterdir()} == set(adapt_command.OUTPUT_FILES)
+
+
+def test_interrupted_adapt_resumes_from_checkpoint(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site, out = site_copy(world, tmp_path), tmp_path / "out"
+    real = adapt_command.run_adaptation
+
+    def interrupted(*args: Any, progress: Callable[[str, int, int, str], None], **kw: Any) -> Any:
+        def stop_in_epoch_2(label: str, done: int, total: int, status: str) -> None:
+            if "epoch 2/" in label:
+                raise KeyboardInterrupt
+            progress(label, done, total, status)
+
+        return real(*args, progress=stop_in_epoch_2, **kw)
+
+    monkeypatch.setattr(adapt_command, "run_adaptation", interrupted)
+    code, result, _ = run_adapt(world, site, out, "shot", "--epochs", "2")
+    assert code == 130 and result["ok"] is False
+    assert not out.exists() and (tmp_path / "out.ckpt" / "latest.json").is_file()  # epoch 1 saved, nothing published
+    monkeypatch.setattr(adapt_command, "run_adaptation", real)
+    code, result, err = run_adapt(world, site, out, "shot", "--epochs", "2", "--resume")
+    assert code == 0, err
+    assert "resuming after epoch 1" in err and result["cached"] is True
+    report = json.loads((out / "report.json").read_text())
+    assert [h["epoch"] for h in report["label_free"]["history"]] == [1, 2]

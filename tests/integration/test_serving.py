@@ -26,6 +26,7 @@ from xkt.protos import source_model_pb2 as pb
 from xkt.protos import source_model_pb2_grpc as pb_grpc
 from xkt.server.audit_log import verify_log
 from xkt.server.auth import add_token
+from xkt.server.provision import add_site, init_pki, revoke_site
 from xkt.server.serving import RunningServer, ServeConfig, check_transport, run_server
 from xkt.shared.artifact import InputSpec, save_artifact
 from xkt.shared.errors import ConfigError
@@ -310,3 +311,25 @@ def test_xkt_server_serve_refuses_insecure_off_loopback(owner: Owner) -> None:
     completed = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 3, completed.stderr
     assert json.loads(completed.stdout)["error"]["reason"] == "insecure-non-loopback"
+
+
+def test_provisioned_site_is_identified_and_refused_once_revoked(owner: Owner, tmp_path: Path) -> None:
+    """The product's own PKI end to end: `provision` kits, the URI-SAN identity, revocation."""
+    pki = tmp_path / "pki"
+    paths = init_pki(pki)
+    kit = add_site(pki, "clinic-7")
+    root, key, cert = ((kit / n).read_bytes() for n in ("ca.crt", "site.key", "site.crt"))
+    cfg = owner.config(
+        tls_cert=paths.server_cert, tls_key=paths.server_key, client_ca=paths.ca_cert, pki=pki, tokens=None
+    )
+    audit = tmp_path / "audit.jsonl"
+    with (
+        run_server(replace(cfg, audit_log=audit)) as running,
+        tls_channel(running.port, root, key=key, cert=cert) as ch,
+    ):
+        pb_grpc.SourceModelStub(ch).GetManifest(pb.GetManifestRequest(), timeout=DEADLINE)
+    assert json.loads(audit.read_text().splitlines()[0])["site"] == "clinic-7"
+    revoke_site(pki, "clinic-7")
+    with run_server(cfg) as running, tls_channel(running.port, root, key=key, cert=cert) as ch:
+        call = lambda: pb_grpc.SourceModelStub(ch).GetManifest(pb.GetManifestRequest(), timeout=3)  # noqa: E731
+        assert code_of(call) == grpc.StatusCode.UNAUTHENTICATED
