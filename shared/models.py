@@ -124,8 +124,13 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)  # (B, C)
 
 
-def resnet18(stem: str = "small") -> ResNet:
-    """ResNet-18 (He et al. 2016): 4 stages of 2 basic blocks, 512-d features."""
+def resnet18(stem: str = "imagenet") -> ResNet:
+    """ResNet-18 (He et al. 2016): 4 stages of 2 basic blocks, 512-d features.
+
+    The default stem is torchvision's, so ImageNet checkpoints load; at 64 px it leaves a
+    16x16 map for ``layer1``.  ``stem="small"`` keeps 32x32 there for small objects, at
+    4x the compute (76 vs 350 training images/s on 2 cores, measured side by side).
+    """
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), stem)
 
 

@@ -153,9 +153,8 @@ def adapt(
     with command(json_output=json_output, verbose=verbose, quiet=quiet):
         started = time.perf_counter()
         _check_out(out, overwrite)
-        cfg = load_config(
-            AdaptConfig, path=config, overrides=[*(overrides or []), *([f"epochs={epochs}"] * bool(epochs))]
-        )
+        extra = [f"epochs={epochs}"] if epochs else []
+        cfg = load_config(AdaptConfig, path=config, overrides=[*(overrides or []), *extra])
         if not quiet:
             stderr_console().print(f"# resolved config, method = {method}\n{to_toml(cfg)}", markup=False)
         modality = _check_site(site)
