@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xkt.client.commands import csr, doctor, evaluate, fetch, validate_data
+from xkt.client.commands import adapt, csr, doctor, evaluate, fetch, validate_data
 from xkt.shared.cli_support import new_app
 
 app = new_app(
@@ -14,6 +14,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("csr")(csr.csr)
 app.command("fetch")(fetch.fetch)
 app.command("doctor")(doctor.doctor)
+app.command("adapt")(adapt.adapt)
 
 
 def main() -> None:

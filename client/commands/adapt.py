@@ -428,9 +428,7 @@ def _markdown(report: dict[str, Any]) -> str:
     """A short human-readable report.md beside report.json."""
     before, after = (_percent(report["accuracy"][k]) for k in ("before", "after"))
     signals = report["label_free"].get("signals", [])
-    rows = [
-        f"| {i} | {s['mean_entropy']:.4f} | {s['im']:.4f} | {s.get('changed', '')} |" for i, s in enumerate(signals)
-    ]
+    rows = [f"| {i} | {s['mean_entropy']:.4f} | {s['im']:.4f} | {_changed(s)} |" for i, s in enumerate(signals)]
     lines = [
         f"# xkt adapt: {report['method']}",
         "",
@@ -447,6 +445,10 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _changed(signals: dict[str, float]) -> str:
+    return f"{signals['changed']:.3f}" if "changed" in signals else "-"
 
 
 def _percent(score: dict[str, Any] | None) -> str:
