@@ -39,7 +39,7 @@ from xkt.shared.artifact import (
     SIGNATURE_FILE,
     WEIGHTS_FILE,
     VerifiedArtifact,
-    _check_signature,  # the artifact's own signer check, reused so both paths say the same thing
+    check_signature,  # the artifact's own signer check, reused so both paths say the same thing
     read_state_dict,
     verify_artifact,
 )
@@ -80,7 +80,7 @@ def verify_manifest_message(reply: pb.Manifest, owner_keys: Sequence[Ed25519Publ
             reason="manifest-too-large",
         )
     manifest_bytes = bytes(reply.manifest_json)
-    signer = _check_signature(manifest_bytes, bytes(reply.signature), list(owner_keys))
+    signer = check_signature(manifest_bytes, bytes(reply.signature), list(owner_keys))
     manifest = parse_signed_manifest(manifest_bytes, signer)
     check_batchnorm_layers(manifest, expected_for(manifest.arch))
     if (reply.weights_sha256, reply.weights_size) != (manifest.weights.sha256, manifest.weights.size):

@@ -82,6 +82,7 @@ __all__ = [
     "Manifest",
     "TensorEntry",
     "VerifiedArtifact",
+    "check_signature",
     "WeightsInfo",
     "load_artifact",
     "read_state_dict",
@@ -124,7 +125,7 @@ def verify_artifact(path: Path, trusted_keys: Sequence[Ed25519PublicKey]) -> Ver
     weights_path = _require_files(path)
     manifest_bytes = _read_small(path / MANIFEST_FILE, MAX_MANIFEST_BYTES, "manifest-too-large")
     signature = _read_signature(path / SIGNATURE_FILE)
-    signer = _check_signature(manifest_bytes, signature, keys)
+    signer = check_signature(manifest_bytes, signature, keys)
     manifest = parse_signed_manifest(manifest_bytes, signer)
     expected = expected_for(manifest.arch)
     check_batchnorm_layers(manifest, expected)
@@ -202,7 +203,7 @@ def _read_signature(path: Path) -> bytes:
     return signature
 
 
-def _check_signature(manifest_bytes: bytes, signature: bytes, keys: list[Ed25519PublicKey]) -> Ed25519PublicKey:
+def check_signature(manifest_bytes: bytes, signature: bytes, keys: list[Ed25519PublicKey]) -> Ed25519PublicKey:
     """The trusted key that signed these bytes; else say whether the key or the bytes are wrong.
 
     Acceptance never depends on parsing unverified JSON: the manifest is read only to
