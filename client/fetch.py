@@ -145,7 +145,7 @@ def _cached(final: Path, owner_keys: Sequence[Ed25519PublicKey]) -> VerifiedArti
 # ------------------------------------------------------------------ the weights
 
 
-def _check_chunk(chunk: pb.WeightsChunk, position: int, size: int) -> None:
+def check_chunk(chunk: pb.WeightsChunk, position: int, size: int) -> None:
     """A chunk must continue the file exactly, stay within it and match its own digest."""
     data = chunk.data
     if chunk.offset != position or not 0 < len(data) <= MAX_CHUNK_BYTES or position + len(data) > size:
@@ -176,7 +176,7 @@ def _download(client: SourceModelClient, manifest: Manifest, part: Path, progres
             return 0
         try:
             for chunk in client.fetch_weights(sha, position):
-                _check_chunk(chunk, position, size)
+                check_chunk(chunk, position, size)
                 handle.write(chunk.data)
                 position += len(chunk.data)
                 if progress is not None:
