@@ -19,7 +19,6 @@ cancelled, so a stalled server cannot hang a fetch for the whole stream deadline
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import threading
@@ -33,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-un
 
 from xkt.protos import source_model_pb2 as pb
 from xkt.protos import source_model_pb2_grpc as pb_grpc
+from xkt.shared.addresses import is_loopback, split_address
 from xkt.shared.errors import AuthError, ConfigError, TransportError, VerificationError, XktError
 from xkt.shared.grpc_options import AUTH_METADATA_KEY, STREAM_DEADLINE_S, UNARY_DEADLINE_S, client_options
 from xkt.shared.tls import check_key_permissions, read_pem_bytes
@@ -73,25 +73,8 @@ class ChannelOptions:
 
 
 def split_server(server: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` → (host, port); a ConfigError names the expected form."""
-    host, sep, port = server.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            f"--server {server!r} is not HOST:PORT",
-            hint="for example owner.example.org:50051 or 127.0.0.1:50051",
-            reason="bad-server-address",
-        )
-    return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """True only for names and addresses that cannot leave this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """The client's ``--server HOST:PORT`` as (host, port)."""
+    return split_address(server, option="--server", example="owner.example.org:50051 or 127.0.0.1:50051")
 
 
 def read_token(token_file: Path | None) -> str | None:

@@ -20,7 +20,6 @@ servicer stops reading the disk.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Iterator
 from concurrent import futures
@@ -36,6 +35,7 @@ from xkt.server.audit_log import AuditLog
 from xkt.server.auth import AuthInterceptor, load_tokens
 from xkt.server.provision import load_revoked
 from xkt.server.servicer import SourceModelServicer
+from xkt.shared.addresses import is_loopback, split_address
 from xkt.shared.artifact import verify_artifact
 from xkt.shared.errors import ConfigError, TransportError
 from xkt.shared.grpc_options import DEFAULT_CHUNK_BYTES, server_options
@@ -81,26 +81,10 @@ class RunningServer:
     mtls: bool
 
 
-def split_host_port(listen: str) -> tuple[str, str]:
-    """``host:port`` or ``[v6]:port`` → (host, port); a ConfigError names the expected form."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(
-            f"--listen {listen!r} is not HOST:PORT",
-            hint="for example 127.0.0.1:50051, [::1]:50051 or 0.0.0.0:50051 (port 0 picks a free port)",
-            reason="bad-listen-address",
-        )
-    return host.strip("[]"), port
-
-
-def is_loopback(host: str) -> bool:
-    """True only for addresses that cannot be reached from another machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def split_host_port(listen: str) -> tuple[str, int]:
+    """The server's ``--listen HOST:PORT`` as (host, port); port 0 lets the OS pick one."""
+    example = "127.0.0.1:50051, [::1]:50051 or 0.0.0.0:50051 (port 0 picks a free port)"
+    return split_address(listen, option="--listen", example=example, allow_port_zero=True)
 
 
 def check_transport(cfg: ServeConfig) -> None:
