@@ -41,6 +41,16 @@ from xkt.shared.signing import load_public_key
 
 TCP_TIMEOUT_S = 5.0
 
+# The exit status when a check fails: the first failing row (in report order) decides.
+FAILURE_CODES = {
+    "reachable": ExitCode.TRANSPORT,
+    "tls": ExitCode.TRANSPORT,
+    "identity": ExitCode.AUTH,
+    "owner-key": ExitCode.VERIFICATION,
+    "compatible": ExitCode.CONFIG_OR_DATA,
+    "health": ExitCode.TRANSPORT,
+}
+
 
 @dataclass(frozen=True)
 class Check:
@@ -235,8 +245,9 @@ def doctor(
             emit_json({"ok": ok, "server": server, "checks": [c.to_json() for c in checks]})
         else:
             _print(checks, server)
-        if not ok:
-            raise typer.Exit(int(ExitCode.TRANSPORT))
+        failed = [c for c in checks if c.status == "FAIL"]
+        if failed:
+            raise typer.Exit(int(FAILURE_CODES.get(failed[0].name, ExitCode.TRANSPORT)))
 
 
 def _print(checks: list[Check], server: str) -> None:

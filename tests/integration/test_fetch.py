@@ -366,4 +366,4 @@ def test_doctor_pass_and_wrong_owner_key(owner: Owner, tls_server: RunningServer
     assert [checks[n]["status"] for n in ("reachable", "tls", "identity", "owner-key", "health")] == ["PASS"] * 5
     code, out, _ = cli(*base, "--owner-key", str(owner.other_pub))
     checks = {c["name"]: c for c in json.loads(out)["checks"]}
-    assert code != 0 and checks["owner-key"]["status"] == "FAIL" and checks["owner-key"]["fix"]
+    assert code == 4 and checks["owner-key"]["status"] == "FAIL" and checks["owner-key"]["fix"]  # verification
