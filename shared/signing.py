@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from xkt.shared.errors import ConfigError, VerificationError
+from xkt.shared.tls import write_new_file
 
 PASSPHRASE_ENV = "XKT_KEY_PASSPHRASE"
 """Environment variable holding the private key's passphrase (never a command-line argument)."""
@@ -74,19 +75,9 @@ def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
 
 
 def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
-    """Create ``path`` exclusively with ``mode`` from the first syscall, write and fsync it."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    except FileExistsError:
-        raise ConfigError(
-            f"refusing to overwrite the existing key file {path}",
-            hint="choose another directory or name, or move the old key pair away yourself",
-            reason="key-exists",
-        ) from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Create a key file exclusively, with its final mode from the first syscall."""
+    hint = "choose another directory or name, or move the old key pair away yourself"
+    write_new_file(path, data, mode=mode, what="key file", reason="key-exists", hint=hint)
 
 
 # --------------------------------------------------------------------- key loading

@@ -192,7 +192,15 @@ def load_private_key(path: Path) -> PrivateKeyTypes:
         ) from None
 
 
-def write_new_file(path: Path, data: bytes, *, mode: int) -> None:
+def write_new_file(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int,
+    what: str = "file",
+    reason: str = "file-exists",
+    hint: str = "choose another folder, or move the old file away yourself",
+) -> None:
     """Create ``path`` exclusively with ``mode`` from the first syscall, write and fsync it.
 
     ``O_EXCL`` refuses to replace anything (a key, a certificate, a symlink planted in its
@@ -202,11 +210,7 @@ def write_new_file(path: Path, data: bytes, *, mode: int) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
     except FileExistsError:
-        raise ConfigError(
-            f"refusing to overwrite the existing file {path}",
-            hint="choose another folder, or move the old file away yourself",
-            reason="file-exists",
-        ) from None
+        raise ConfigError(f"refusing to overwrite the existing {what} {path}", hint=hint, reason=reason) from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
