@@ -34,8 +34,9 @@ from xkt.protos import source_model_pb2 as pb
 from xkt.protos import source_model_pb2_grpc as pb_grpc
 from xkt.shared.addresses import is_loopback, split_address
 from xkt.shared.errors import AuthError, ConfigError, TransportError, VerificationError, XktError
+from xkt.shared.files import FileReasons, read_bounded_file
 from xkt.shared.grpc_options import AUTH_METADATA_KEY, STREAM_DEADLINE_S, UNARY_DEADLINE_S, client_options
-from xkt.shared.tls import check_key_permissions, read_pem_bytes
+from xkt.shared.tls import read_pem_bytes
 
 TOKEN_ENV = "XKT_TOKEN"
 SERVICE = "xkt.v1.SourceModel"
@@ -94,12 +95,11 @@ def read_token(token_file: Path | None) -> str | None:
 
 def _read_secret_file(path: Path) -> bytes:
     """A small secret file that only its owner may read (same rules as a private key)."""
-    check_key_permissions(path)
-    with Path(path).open("rb") as handle:
-        data = handle.read(MAX_TOKEN_BYTES + 1)
-    if len(data) > MAX_TOKEN_BYTES:
-        raise ConfigError(f"token file {path} is too large", hint="pass the token file", reason="bad-token-file")
-    return data
+    reasons = FileReasons("tls-file-not-found", "tls-file-unreadable", "tls-not-a-file", "bad-token-file")
+    hint = "pass the file `xkt-server tokens add` printed the token into"
+    return read_bounded_file(
+        path, what="token", limit=MAX_TOKEN_BYTES, private=True, reasons=reasons, missing_hint=hint
+    )
 
 
 def options_from_cli(

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from xkt.shared.errors import ConfigError
-from xkt.shared.tls import site_uri, validate_site_id, write_new_file
+from xkt.shared.files import write_new_file
+from xkt.shared.tls import site_uri, validate_site_id
 
 KEY_NAME = "site.key"
 CSR_NAME = "site.csr"

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPub
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from xkt.shared.errors import ConfigError
+from xkt.shared.files import write_new_file
 from xkt.shared.signing import strict_json_loads
 from xkt.shared.tls import (
     cert_fingerprint,
@@ -59,7 +60,6 @@ from xkt.shared.tls import (
     read_pem_bytes,
     site_uri,
     validate_site_id,
-    write_new_file,
 )
 
 CA_DAYS = 3650

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from xkt.shared.errors import ConfigError, VerificationError
-from xkt.shared.tls import write_new_file
+from xkt.shared.files import FileReasons, read_bounded_file, write_new_file
 
 PASSPHRASE_ENV = "XKT_KEY_PASSPHRASE"
 """Environment variable holding the private key's passphrase (never a command-line argument)."""
 
 MAX_KEY_FILE_BYTES = 64 * 1024
+KEY_FILE_REASONS = FileReasons("key-not-found", "key-unreadable", "key-not-a-file", "key-too-large")
 """An Ed25519 PEM file is a few hundred bytes; anything far larger is not a key file."""
 
 SIGNATURE_BYTES = 64
@@ -136,48 +136,15 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def _read_key_file(path: Path, *, private: bool) -> bytes:
-    """Read a small key file; a private one must not be accessible to group or others.
-
-    The mode is checked on the open descriptor (``fstat``), not by a separate ``stat``
-    of the path, so the file checked is the file read.
-    """
-    try:  # O_NONBLOCK: opening a FIFO must not hang; it is refused below as not a regular file
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise ConfigError(
-            f"key file {path} does not exist",
-            hint="check the path; `xkt-server keygen` creates owner.key and owner.pub",
-            reason="key-not-found",
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read key file {path}: {exc.strerror}",
-            hint="check the path and that this user may read it",
-            reason="key-unreadable",
-        ) from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise ConfigError(
-            f"key file {path} is not a regular file",
-            hint="pass the path of the PEM key file itself",
-            reason="key-not-a-file",
-        )
-    with os.fdopen(fd, "rb") as handle:
-        if private and info.st_mode & 0o077:
-            raise ConfigError(
-                f"private key {path} is accessible by other users (mode {stat.S_IMODE(info.st_mode):04o})",
-                hint=f"run `chmod 600 {path}` (and consider the key compromised if others could read it)",
-                reason="key-permissions",
-            )
-        data = handle.read(MAX_KEY_FILE_BYTES + 1)
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise ConfigError(
-            f"key file {path} is larger than {MAX_KEY_FILE_BYTES} bytes, so it is not a key",
-            hint="pass the PEM key file xkt generated",
-            reason="key-too-large",
-        )
-    return data
+    """Read a small key file; a private one must not be accessible to group or others."""
+    return read_bounded_file(
+        path,
+        what="key",
+        limit=MAX_KEY_FILE_BYTES,
+        private=private,
+        reasons=KEY_FILE_REASONS,
+        missing_hint="check the path; `xkt-server keys init` creates owner.key and owner.pub",
+    )
 
 
 def _read_passphrase(passphrase_file: Path | None) -> bytes | None:
@@ -192,7 +159,7 @@ def _read_passphrase(passphrase_file: Path | None) -> bytes | None:
 def _bad_key_format(path: Path, expected: str) -> ConfigError:
     return ConfigError(
         f"{path} is not {expected}",
-        hint="pass a key file created by `xkt-server keygen` (PEM text, not OpenSSH or DER)",
+        hint="pass a key file created by `xkt-server keys init` (PEM text, not OpenSSH or DER)",
         reason="bad-key-format",
     )
 
@@ -200,7 +167,7 @@ def _bad_key_format(path: Path, expected: str) -> ConfigError:
 def _wrong_key_type(path: Path, found: str) -> ConfigError:
     return ConfigError(
         f"{path} holds a {found.removeprefix('_')}, not an Ed25519 key",
-        hint="xkt signs with Ed25519 only; generate a key pair with `xkt-server keygen`",
+        hint="xkt signs with Ed25519 only; generate a key pair with `xkt-server keys init`",
         reason="wrong-key-type",
     )
 

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
 from xkt.shared.errors import ConfigError
+from xkt.shared.files import FileReasons, read_bounded_file, refuse_shared_mode
 
 MAX_PEM_BYTES = 256 * 1024
 """A certificate or key is a few kilobytes; a CA bundle perhaps tens. More is not a PEM file we wrote."""
@@ -42,6 +43,7 @@ SITE_URI_PREFIX = "xkt://site/"
 """A site certificate's URI SAN is this prefix plus the site id: the identity the server trusts."""
 
 _PEM_MARKER = b"-----BEGIN "
+TLS_FILE_REASONS = FileReasons("tls-file-not-found", "tls-file-unreadable", "tls-not-a-file", "tls-file-too-large")
 
 
 def validate_site_id(site_id: str) -> str:
@@ -68,44 +70,15 @@ def site_uri(site_id: str) -> str:
 
 
 def read_pem_bytes(path: Path, *, what: str = "certificate", private: bool = False) -> bytes:
-    """Read a small PEM file, refusing anything that is not one; ``private`` also checks the mode.
-
-    The mode is checked on the open descriptor (``fstat``), so the file checked is the
-    file read; ``O_NONBLOCK`` keeps a FIFO from hanging the open.
-    """
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{what} file {path} does not exist",
-            hint="check the path; `xkt-server provision` writes the PKI and the site kits",
-            reason="tls-file-not-found",
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {what} file {path}: {exc.strerror}",
-            hint="check the path and that this user may read it",
-            reason="tls-file-unreadable",
-        ) from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):  # checked before fdopen, which refuses a directory itself
-        os.close(fd)
-        raise ConfigError(
-            f"{what} file {path} is not a regular file",
-            hint="pass the path of the PEM file itself",
-            reason="tls-not-a-file",
-        )
-    with os.fdopen(fd, "rb") as handle:
-        if private:
-            _refuse_shared_mode(path, info.st_mode)
-        data = handle.read(MAX_PEM_BYTES + 1)
-    if len(data) > MAX_PEM_BYTES:
-        raise ConfigError(
-            f"{what} file {path} is larger than {MAX_PEM_BYTES} bytes, so it is not a PEM file",
-            hint="pass the PEM file written by `xkt-server provision` or `xkt-client csr`",
-            reason="tls-file-too-large",
-        )
+    """Read a small PEM file, refusing anything that is not one; ``private`` also checks the mode."""
+    data = read_bounded_file(
+        Path(path),
+        what=what,
+        limit=MAX_PEM_BYTES,
+        private=private,
+        reasons=TLS_FILE_REASONS,
+        missing_hint="check the path; `xkt-server provision` writes the PKI and the site kits",
+    )
     if _PEM_MARKER not in data:
         raise ConfigError(
             f"{what} file {path} is not PEM text (no '-----BEGIN' line)",
@@ -142,16 +115,7 @@ def check_key_permissions(path: Path) -> None:
             hint="pass the path of the PEM key file itself",
             reason="tls-not-a-file",
         )
-    _refuse_shared_mode(path, info.st_mode)
-
-
-def _refuse_shared_mode(path: Path, mode: int) -> None:
-    if mode & 0o077:
-        raise ConfigError(
-            f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):04o})",
-            hint=f"run `chmod 600 {path}` (and consider the key compromised if others could read it)",
-            reason="key-permissions",
-        )
+    refuse_shared_mode(path, info.st_mode)
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -190,31 +154,6 @@ def load_private_key(path: Path) -> PrivateKeyTypes:
             hint="pass the .key file written by `xkt-server provision` or `xkt-client csr`",
             reason="bad-key-format",
         ) from None
-
-
-def write_new_file(
-    path: Path,
-    data: bytes,
-    *,
-    mode: int,
-    what: str = "file",
-    reason: str = "file-exists",
-    hint: str = "choose another folder, or move the old file away yourself",
-) -> None:
-    """Create ``path`` exclusively with ``mode`` from the first syscall, write and fsync it.
-
-    ``O_EXCL`` refuses to replace anything (a key, a certificate, a symlink planted in its
-    place), and creating with the final mode means a key is never readable by others.
-    """
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    except FileExistsError:
-        raise ConfigError(f"refusing to overwrite the existing {what} {path}", hint=hint, reason=reason) from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 # ------------------------------------------------------------- describing certs
