@@ -406,6 +406,7 @@ class SourceModelClient:
             stalled.set()
             call.cancel()
 
+        received = 0
         try:
             while True:
                 timer = threading.Timer(self.opts.chunk_idle_s, stall)
@@ -417,6 +418,7 @@ class SourceModelClient:
                     timer.cancel()
                 if chunk is None:
                     return
+                received += 1
                 yield chunk
         except grpc.RpcError as error:
             if stalled.is_set():
@@ -424,6 +426,14 @@ class SourceModelClient:
                     f"FetchWeights: no data from {self.opts.server} for {self.opts.chunk_idle_s:.0f} s",
                     hint="the server or network stalled; fetch again to resume from the bytes already held",
                     reason="stream-stalled",
+                ) from None
+            if received and error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                # Chunks already arrived, so this is no handshake problem: the server went away.
+                raise TransportError(
+                    f"FetchWeights: {self.opts.server} went away after {received} chunk(s) "
+                    f"({(error.details() or 'no details')[:120]})",
+                    hint="fetch again when the server is back: the download resumes from the bytes already held",
+                    reason="stream-interrupted",
                 ) from None
             raise rpc_error(error, self.opts, "FetchWeights") from None
         finally:

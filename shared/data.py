@@ -213,6 +213,40 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return normalise(unit, self.preprocess), self.labels[index]
 
 
+class PairedDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Task-irrelevant pairs: (RGB half, target-modality half), both prepared identically.
+
+    Both halves go through the same deterministic resize and the source model's own
+    normalisation (never SOCKET's custom constants, nor a random crop on one half only:
+    methods.md §2.7), so pair ``i`` shows the same scene, aligned pixel for pixel.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], modality: Modality, preprocess: Preprocess) -> None:
+        self.pairs = list(pairs)
+        self.modality = modality
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.pairs[index]
+        source = normalise(to_unit_range(read_raw(pair.source), RGB), self.preprocess)
+        target = normalise(to_unit_range(read_raw(pair.target), self.modality), self.preprocess)
+        return source, target
+
+
+def paired_dataset(site: Path, modality: Modality, preprocess: Preprocess) -> PairedDataset | None:
+    """The site's ``paired/pairs.csv`` as a dataset, or None when the site has no paired data."""
+    csv_path = site / "paired" / "pairs.csv"
+    if not csv_path.exists():
+        return None
+    pairs = read_pairs(csv_path)
+    if not pairs:
+        raise DataError(f"{csv_path} has no rows", hint="add pairs or remove the file", reason="empty-pairs")
+    return PairedDataset(pairs, modality, preprocess)
+
+
 def labelled_dataset(csv_path: Path, modality: Modality, preprocess: Preprocess, names: Sequence[str]) -> ImageDataset:
     """A dataset over a ``labels.csv``, with labels indexed by ``names`` (unknown labels refused)."""
     rows = read_labels(csv_path)

@@ -10,9 +10,13 @@ Order (nothing reaches the network before step 4, nothing is trained before step
    ``OUT/../.xkt-cache``), keyed by the weights' sha256: a model already there is not
    downloaded again.  The manifest signature is checked with ``--owner-key`` before any byte
    of weights is requested, and the artifact is verified again before it is loaded;
-5. adapt locally on ``SITE/target`` (the site's modality, the model's preprocessing),
-   checkpointing every epoch into ``OUT.ckpt`` (``--resume`` continues from there);
-6. publish ``OUT/`` atomically: the adapted artifact (``weights.safetensors``, ``manifest.json``,
+5. adapt locally on ``SITE/target`` (the site's modality, the model's preprocessing) and,
+   for the cross-modal methods, the task-irrelevant pairs in ``SITE/paired/pairs.csv``,
+   checkpointing every epoch into ``OUT.ckpt`` (``--resume`` continues from there); the
+   epoch kept is the one the label-free selection rule picks (``--set monitor.select=...``);
+6. the negative-transfer guard compares the kept model's label-free signals with the
+   source's: it warns, and with ``--strict`` refuses to publish (exit 8, checkpoints kept);
+7. publish ``OUT/`` atomically: the adapted artifact (``weights.safetensors``, ``manifest.json``,
    ``manifest.sig``), signed with the site key, plus ``report.json`` and ``report.md``.
 
 Site key: ``--site-key KEY`` (an Ed25519 private key, e.g. from ``xkt-server keys init``);
@@ -54,8 +58,8 @@ from xkt.client.commands.fetch import (
 from xkt.client.data_checks import validate_site
 from xkt.client.egress import EgressGuard, EgressManifest, render_table, single_site_manifest
 from xkt.client.fetch import FetchResult, fetch_artifact
-from xkt.client.methods import METHODS
-from xkt.client.trainer import AdaptConfig, AdaptResult
+from xkt.client.methods import METHODS, get_method
+from xkt.client.trainer import AdaptConfig, AdaptResult, require_pairs, resolve_config
 from xkt.client.trainer import adapt as run_adaptation
 from xkt.shared.artifact import (
     MANIFEST_FILE,
@@ -68,8 +72,18 @@ from xkt.shared.artifact import (
 )
 from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, command
 from xkt.shared.config import load_config, to_toml
-from xkt.shared.data import ImageDataset, Modality, Preprocess, fingerprint, labelled_dataset, list_images
-from xkt.shared.errors import ConfigError, DataError
+from xkt.shared.data import (
+    ImageDataset,
+    Modality,
+    PairedDataset,
+    Preprocess,
+    fingerprint,
+    labelled_dataset,
+    list_images,
+    paired_dataset,
+    read_pairs,
+)
+from xkt.shared.errors import ConfigError, DataError, GuardError
 from xkt.shared.evaluation import Accuracy, accuracy
 from xkt.shared.log import emit_json, logger, progress_bar, stderr_console
 from xkt.shared.signing import fingerprint as key_fingerprint
@@ -133,6 +147,10 @@ def adapt(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints in OUT.ckpt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous adapt output at OUT.")] = False,
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", help="Refuse to publish when the label-free guard says the model got worse (exit 8)."),
+    ] = False,
     model_id: Annotated[
         str | None,
         typer.Option("--model-id", help="Adapted model id (default: SOURCE_ID-METHOD).", rich_help_panel=_ADVANCED),
@@ -154,10 +172,11 @@ def adapt(
         started = time.perf_counter()
         _check_out(out, overwrite)
         extra = [f"epochs={epochs}"] if epochs else []
-        cfg = load_config(AdaptConfig, path=config, overrides=[*(overrides or []), *extra])
+        cfg = resolve_config(load_config(AdaptConfig, path=config, overrides=[*(overrides or []), *extra]), method)
         if not quiet:
             stderr_console().print(f"# resolved config, method = {method}\n{to_toml(cfg)}", markup=False)
         modality = _check_site(site)
+        _check_pairs(site, method)
         key = _site_key(site_key, site)
         opts = options_from_cli(
             server=server,
@@ -177,7 +196,9 @@ def adapt(
             with open_channel(opts, [EgressGuard(egress)]) as channel:
                 source = _fetch_source(SourceModelClient(channel, opts), owner_key, _cache_dir(cache, out), bar)
             target = _target_dataset(site, modality, source.loaded)
-            adapted = _adapt(source, target, method, cfg, out, resume, bar)
+            pairs = paired_dataset(site, modality, _preprocess(source.loaded.manifest.input_spec))
+            adapted = _adapt(source, (target, pairs), method, cfg, out, resume, bar)
+        _guard(adapted[0], strict, out)
         report = _report(site, modality, source, target, adapted, egress, started)
         adapted_sha = _publish(out, adapted[0], source, key, model_id, modality, report, overwrite)
         shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)  # published: nothing left to resume
@@ -223,6 +244,13 @@ def _check_site(site: Path) -> Modality:
     if not report.counts.get("target"):
         raise DataError(f"{site}/target has no images", hint="add unlabelled target images", reason="no-target")
     return report.modality
+
+
+def _check_pairs(site: Path, method: str) -> None:
+    """A method that needs TI pairs is refused before any connection when the site has none."""
+    if get_method(method).needs_pairs:
+        csv_path = site / "paired" / "pairs.csv"
+        require_pairs(method, len(read_pairs(csv_path)) if csv_path.exists() else 0)
 
 
 def _site_key(path: Path | None, site: Path) -> SiteKey:
@@ -283,19 +311,47 @@ def _target_dataset(site: Path, modality: Modality, source: LoadedArtifact) -> I
 
 
 def _adapt(
-    source: Source, target: ImageDataset, method: str, cfg: AdaptConfig, out: Path, resume: bool, bar: Progress
+    source: Source,
+    data: tuple[ImageDataset, PairedDataset | None],
+    method: str,
+    cfg: AdaptConfig,
+    out: Path,
+    resume: bool,
+    bar: Progress,
 ) -> tuple[AdaptResult, float]:
-    """Run the method on the target set with a progress line per step; returns the result and its seconds."""
+    """Run the method on the target set (and TI pairs) with a progress line per step; the result and its seconds."""
     task = bar.add_task(method, total=None, status="")
 
     def report(label: str, done: int, total: int, status: str) -> None:
         bar.update(task, description=label, completed=done, total=total, status=status)
 
     started = time.perf_counter()
+    target, pairs = data
     result = run_adaptation(
-        source.loaded.model, target, method, cfg, checkpoint_dir=_checkpoint_dir(out), resume=resume, progress=report
+        source.loaded.model,
+        target,
+        method,
+        cfg,
+        pairs=pairs,
+        checkpoint_dir=_checkpoint_dir(out),
+        resume=resume,
+        progress=report,
     )
     return result, time.perf_counter() - started
+
+
+def _guard(result: AdaptResult, strict: bool, out: Path) -> None:
+    """Warn about each sign of negative transfer; with --strict refuse to publish (checkpoints stay)."""
+    reasons: list[str] = result.metrics.get("guard", [])
+    for reason in reasons:
+        logger.warning("negative-transfer guard: %s", reason)
+    if reasons and strict:
+        raise GuardError(
+            f"the adapted model looks worse than the source without labels: {'; '.join(reasons)}",
+            hint=f"try another method or fewer epochs; the checkpoints stay in {_checkpoint_dir(out)}; "
+            "drop --strict to publish anyway",
+            reason="negative-transfer",
+        )
 
 
 def _accuracy(site: Path, modality: Modality, source: LoadedArtifact, result: AdaptResult) -> dict[str, Any]:
@@ -427,8 +483,12 @@ def _replace(staging: Path, out: Path, overwrite: bool) -> None:
 def _markdown(report: dict[str, Any]) -> str:
     """A short human-readable report.md beside report.json."""
     before, after = (_percent(report["accuracy"][k]) for k in ("before", "after"))
-    signals = report["label_free"].get("signals", [])
-    rows = [f"| {i} | {s['mean_entropy']:.4f} | {s['im']:.4f} | {_changed(s)} |" for i, s in enumerate(signals)]
+    label_free = report["label_free"]
+    epochs = [(0, "source", label_free["source"])]
+    epochs += [(e["epoch"], e["stage"], e["signals"]) for e in label_free.get("history", []) if "signals" in e]
+    selected = label_free.get("selected_epoch", 0)
+    rows = [_signal_row(epoch, stage, signals, epoch == selected) for epoch, stage, signals in epochs]
+    guard = label_free.get("guard", [])
     lines = [
         f"# xkt adapt: {report['method']}",
         "",
@@ -438,17 +498,22 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- site: `{report['site']}` ({report['modality']}), {report['target_images']} target images",
         f"- accuracy on eval/labels.csv (measurement only): before {before}, after {after}",
         f"- time: {report['timing']['total_s']:.1f} s (adapt {report['timing']['adapt_s']:.1f} s)",
+        f"- kept: epoch {selected} (rule `{report['config']['monitor']['select']}`); "
+        f"guard: {'; '.join(guard) if guard else 'no sign of negative transfer'}",
         "",
-        "| epoch | mean entropy | IM | changed |",
-        "|---|---|---|---|",
+        "| epoch | stage | mean entropy | diversity | IM | agreement | BN distance | changed | kept |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
     return "\n".join(lines)
 
 
-def _changed(signals: dict[str, float]) -> str:
-    return f"{signals['changed']:.3f}" if "changed" in signals else "-"
+def _signal_row(epoch: int, stage: str, signals: dict[str, float], kept: bool) -> str:
+    """One table row of label-free signals (methods.md §6)."""
+    changed = f"{signals['changed']:.3f}" if "changed" in signals else "-"
+    values = " | ".join(f"{signals[k]:.4f}" for k in ("mean_entropy", "diversity", "im", "agreement", "bn_distance"))
+    return f"| {epoch} | {stage} | {values} | {changed} | {'✓' if kept else ''} |"
 
 
 def _percent(score: dict[str, Any] | None) -> str:

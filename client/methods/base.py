@@ -5,6 +5,11 @@ method never steps an optimiser, loops, reads files or prints.  It names the par
 groups that train and returns *named, unweighted* loss terms per batch; the trainer
 (``xkt.client.trainer.adapt``) weights them with ``config.weights``, backpropagates,
 logs every term and checkpoints, so every method runs through the same visible loop.
+
+A method may have several *stages* run one after the other through that same loop
+(TGMB trains a translator before TGKT trains the model), may own extra trainable
+modules (a translator, a projection head; the trainer checkpoints them), and may ask
+for a batch of task-irrelevant pairs beside every target batch (``needs_pairs``).
 """
 
 from __future__ import annotations
@@ -17,19 +22,60 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import nn
 
+from xkt.shared.data import Preprocess
 from xkt.shared.errors import ConfigError
 from xkt.shared.models import SourceClassifier
 
 #: An epoch's pass over the whole target set, in dataset order: (images (B, 3, H, W), indices (B,)).
 TargetBatches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+#: A pass over every task-irrelevant pair, in pair order: (RGB halves, target halves, indices (B,)).
+PairBatches = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Task-irrelevant pairs: the same scenes seen in RGB and in the site's modality."""
+
+    source: torch.Tensor  # (B, 3, H, W) RGB halves, prepared exactly as the target halves
+    target: torch.Tensor  # (B, 3, H, W) target-modality halves
+    indices: torch.Tensor  # (B,) int64 positions in the pair list, to look up per-pair state
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One training batch of unlabelled target images."""
+    """One training batch of unlabelled target images (plus TI pairs when the method needs them)."""
 
     images: torch.Tensor  # (B, 3, H, W), preprocessed exactly as the source model expects
     indices: torch.Tensor  # (B,) int64 positions in the target dataset, to look up per-image state
+    pairs: PairBatch | None = None
+
+
+@dataclass(frozen=True)
+class TargetOutputs:
+    """The current model's view of the whole target set, in eval mode and dataset order."""
+
+    features: torch.Tensor  # (N, D) bottleneck features B(F(x))
+    probabilities: torch.Tensor  # (N, K) softmax outputs
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """Whole-set passes a method may make before training or at the start of an epoch."""
+
+    target: Callable[[], TargetBatches]  # a fresh pass over every target image
+    target_size: int
+    pairs: Callable[[], PairBatches] | None  # a fresh pass over every TI pair; None: the site has none
+    pair_count: int
+    preprocess: Preprocess  # how every image was prepared: the source model's size and normalisation
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass of the training loop: its name, length and whether it changes the target model."""
+
+    name: str
+    epochs: int
+    trains_model: bool = True  # False: only the method's own modules train (e.g. TGMB's translator)
 
 
 @dataclass(frozen=True)
@@ -48,6 +94,8 @@ class Method(ABC):
     name: ClassVar[str] = ""  # set by ``register``
     default_config: ClassVar[MethodConfig] = MethodConfig()
     trains: ClassVar[bool] = True  # False: the trainer returns the source model untouched
+    needs_pairs: ClassVar[bool] = False  # True: every Batch carries TI pairs; refused without them
+    batch_size: ClassVar[int] = 64  # the paper's batch size, used when AdaptConfig.batch_size is 0
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, type(self.default_config)):
@@ -56,6 +104,27 @@ class Method(ABC):
                 hint="pass the method's own config section",
             )
         self.config = config
+        self.stage = ""  # the stage the trainer is running (set by ``enter_stage``)
+
+    def stages(self, epochs: int) -> list[Stage]:
+        """The loop's passes, in order; one stage of ``epochs`` (the trainer's setting) by default."""
+        return [Stage("adapt", epochs)]
+
+    def setup(self, source: SourceClassifier, data: SiteData) -> dict[str, float]:
+        """Once before training (and again on resume): state from the frozen source model.
+
+        ``source`` is a frozen copy in eval mode; keep references to it, never train it.
+        Returns signals to record (e.g. how far TI features are apart before training).
+        """
+        return {}
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable modules the method owns besides the model (checkpointed by the trainer)."""
+        return {}
+
+    def enter_stage(self, stage: Stage) -> None:
+        """Called before the first epoch of each stage (also when resuming inside it)."""
+        self.stage = stage.name
 
     def trainable_groups(self, model: SourceClassifier) -> dict[str, list[nn.Parameter]]:
         """Parameters the optimiser updates, by group; the classifier C is frozen (SHOT §3.1).
@@ -64,8 +133,12 @@ class Method(ABC):
         """
         return {"backbone": list(model.backbone.parameters()), "bottleneck": list(model.bottleneck.parameters())}
 
-    def on_epoch_start(self, model: SourceClassifier, target: TargetBatches, size: int) -> dict[str, float]:
-        """Refresh per-epoch state (e.g. pseudo-labels) from the whole target set; returns signals to log."""
+    def on_epoch_start(self, model: SourceClassifier, outputs: TargetOutputs, data: SiteData) -> dict[str, float]:
+        """Refresh per-epoch state (e.g. pseudo-labels) from the current model's outputs; returns signals.
+
+        ``outputs`` are the model's eval-mode features and probabilities on the whole
+        target set, measured once by the trainer (they also feed its label-free signals).
+        """
         return {}
 
     @abstractmethod

@@ -43,6 +43,21 @@ def centroid_pseudo_labels(features: torch.Tensor, probabilities: torch.Tensor, 
     return _nearest(features, hard.T @ features / hard.sum(dim=0)[:, None].clamp_min(1e-8), kept)
 
 
+def socket_pseudo_labels(features: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+    """SOCKET's variant (methods.md §2.4): one round of soft centroids, nearest by Euclidean distance.
+
+    Features (N, D) get the constant 1 appended and are L2-normalised as in SHOT; the
+    soft centroids c_k = Σ_i p_ik f_i / Σ_i p_ik are *not* normalised, and each image
+    takes the class of the nearest centroid in Euclidean distance.  No hard-assignment
+    round and no class-count threshold.  Returns (N,) int64 in [0, K).
+    """
+    features = torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1)
+    features = torch.nn.functional.normalize(features, dim=1)
+    weights = probabilities.to(features.dtype)  # (N, K)
+    centroids = weights.T @ features / weights.sum(dim=0)[:, None].clamp_min(1e-8)  # (K, D+1)
+    return torch.cdist(features, centroids).argmin(dim=1)
+
+
 def _nearest(features: torch.Tensor, centroids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """For unit rows (N, D) and centroids (K, D): the kept class of smallest cosine distance."""
     directions = torch.nn.functional.normalize(centroids[kept], dim=1)  # (K', D); zero rows stay zero

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from xkt.client.methods.base import Batch, Method, MethodConfig, TargetBatches, register
+from xkt.client.methods.base import Batch, Method, MethodConfig, SiteData, TargetOutputs, register
 from xkt.client.methods.losses import information_maximisation, pseudo_label_cross_entropy
-from xkt.client.methods.pseudo_labels import centroid_pseudo_labels, target_outputs
+from xkt.client.methods.pseudo_labels import centroid_pseudo_labels
 from xkt.shared.models import SourceClassifier
 
 
@@ -51,14 +51,12 @@ class Shot(Method):
         super().__init__(config)
         self.pseudo_labels: torch.Tensor | None = None  # (N,) int64, one per target image
 
-    def on_epoch_start(self, model: SourceClassifier, target: TargetBatches, size: int) -> dict[str, float]:
+    def on_epoch_start(self, model: SourceClassifier, outputs: TargetOutputs, data: SiteData) -> dict[str, float]:
         """Recompute centroid pseudo-labels for the whole target set (skipped when β = 0)."""
         if self.config.cls_par == 0.0:
             return {}
-        features, probabilities = target_outputs(model, target, size)
-        self.pseudo_labels = centroid_pseudo_labels(features, probabilities, self.config.threshold)
-        agreement = (self.pseudo_labels == probabilities.argmax(dim=1)).float().mean()
-        return {"pseudo_label_agreement": float(agreement)}
+        self.pseudo_labels = centroid_pseudo_labels(outputs.features, outputs.probabilities, self.config.threshold)
+        return {}
 
     def losses(self, model: SourceClassifier, batch: Batch) -> dict[str, torch.Tensor]:
         """{"im": L_IM, "pl": L_PL} for one batch; "pl" only when β > 0."""

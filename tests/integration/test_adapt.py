@@ -164,7 +164,7 @@ def test_shot_adapts_signs_and_reports(world: World, tmp_path: Path, sent: list[
     target = list_images(site / "target")
     assert provenance["data_fingerprint"] == fingerprint(target, site / "target")
     assert "accuracy" not in json.dumps(provenance)  # labels are measurement only, never in the artifact
-    assert len(provenance["metrics"]["signals"]) == 2  # before training + one epoch
+    assert len(provenance["metrics"]["history"]) == 1 and "source" in provenance["metrics"]  # one epoch
     report = json.loads((out / "report.json").read_text())
     assert report["accuracy"]["before"]["count"] == report["accuracy"]["after"]["count"] > 0
     assert result["accuracy_before"] == report["accuracy"]["before"]["accuracy"]

@@ -263,8 +263,9 @@ def test_sigkill_mid_stream_then_resume(owner: Owner, tmp_path: Path) -> None:
             os.kill(proc.pid, signal.SIGKILL)
 
     try:
-        with pytest.raises(TransportError):
+        with pytest.raises(TransportError) as error:
             run_fetch(token_opts(owner, port), owner, tmp_path / "cache", progress=kill_midway)
+        assert error.value.reason == "stream-interrupted" and "resumes" in error.value.hint  # not a TLS hint
     finally:
         _stop(proc)
     part = tmp_path / "cache" / f"{owner.sha256}.part" / "weights.safetensors.part"

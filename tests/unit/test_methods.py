@@ -12,7 +12,7 @@ from PIL import Image
 
 from xkt.client.methods import METHODS, get_method
 from xkt.client.trainer import AdaptConfig, adapt, method_config
-from xkt.shared.data import RGB, ImageDataset, Preprocess
+from xkt.shared.data import RGB, ImageDataset, Pair, PairedDataset, Preprocess
 from xkt.shared.errors import ConfigError
 from xkt.shared.evaluation import predict
 from xkt.shared.models import ArchSpec, SourceClassifier, batchnorm_statistics, build_model
@@ -30,17 +30,31 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> ImageDataset:
     return ImageDataset(paths, RGB, Preprocess(size=32))
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> PairedDataset:
+    """Ten random task-irrelevant pairs (RGB half, second RGB half standing in for the target modality)."""
+    folder = tmp_path_factory.mktemp("paired")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(10):
+        halves = (folder / f"rgb-{i}.png", folder / f"target-{i}.png")
+        for path in halves:
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+        rows.append(Pair(*halves))
+    return PairedDataset(rows, RGB, Preprocess(size=32))
+
+
 def _source() -> SourceClassifier:
     torch.manual_seed(0)
     return build_model(ArchSpec("resnet_tiny", num_classes=3, bottleneck_dim=16))
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_init_steps_predict(name: str, target: ImageDataset, tmp_path: Path) -> None:
+def test_init_steps_predict(name: str, target: ImageDataset, pairs: PairedDataset, tmp_path: Path) -> None:
     source = _source()
     before = {k: v.clone() for k, v in source.state_dict().items()}
-    cfg = AdaptConfig(epochs=1, batch_size=8, threads=1)  # 2 steps
-    result = adapt(source, target, name, cfg, checkpoint_dir=tmp_path)
+    cfg = AdaptConfig(epochs=1, batch_size=8, threads=1)  # 2 steps per stage
+    result = adapt(source, target, name, cfg, pairs=pairs, checkpoint_dir=tmp_path)
 
     predictions = predict(result.model, target)
     assert predictions.shape == (16,) and int(predictions.max()) < 3
@@ -61,6 +75,13 @@ def test_every_method_config_has_a_section_in_adapt_config() -> None:
         if dataclasses.fields(method.default_config):
             assert name.replace("-", "_") in sections, f"AdaptConfig has no [{name}] section"
         assert method_config(AdaptConfig(), method) == method.default_config
+
+
+@pytest.mark.parametrize("name", sorted(name for name, method in METHODS.items() if method.needs_pairs))
+def test_a_method_that_needs_pairs_is_refused_without_them(name: str, target: ImageDataset, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs task-irrelevant pairs") as error:
+        adapt(_source(), target, name, AdaptConfig(epochs=1, batch_size=8), checkpoint_dir=tmp_path)
+    assert error.value.reason == "missing-pairs" and "paired/pairs.csv" in error.value.hint
 
 
 def test_shot_im_is_shot_without_pseudo_labels() -> None:

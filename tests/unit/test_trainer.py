@@ -1,4 +1,4 @@
-"""The adaptation loop: exact resume, and SHOT beating source-only on a toy modality shift."""
+"""The adaptation loop: exact resume, selection, the guard, and adaptation beating source-only on a toy shift."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from xkt.client.trainer import AdaptConfig, adapt
-from xkt.shared.data import ImageDataset, Modality, Preprocess, normalise
+from xkt.shared.data import ImageDataset, Modality, Pair, PairedDataset, Preprocess, normalise
 from xkt.shared.errors import ConfigError
 from xkt.shared.evaluation import accuracy
 from xkt.shared.models import ArchSpec, SourceClassifier, build_model
@@ -27,9 +28,17 @@ def _scene(rng: np.random.Generator, label: int) -> np.ndarray:
         image[row - 1 : row + 1, 1 : SIZE - 1] = 0.9
     elif label == 1:
         image[1 : SIZE - 1, col - 1 : col + 1] = 0.9
-    else:
+    elif label == 2:
         image[row - 2 : row + 2, col - 2 : col + 2] = 0.9
+    else:  # 3: a cross, a task-irrelevant class only seen in the pairs
+        image[row - 1 : row + 1, 2 : SIZE - 2] = 0.9
+        image[2 : SIZE - 2, col - 1 : col + 1] = 0.9
     return np.clip(image, 0.0, 1.0)
+
+
+def _depth(scene: np.ndarray) -> np.ndarray:
+    """The site's modality: the scene inverted at low contrast, a gap in BatchNorm statistics."""
+    return (0.7 - 0.5 * scene).astype(np.float32)
 
 
 def _source_rgb(rng: np.random.Generator, label: int) -> torch.Tensor:
@@ -49,10 +58,18 @@ class _Toy:
         self.source = _train_source(images, torch.from_numpy(labels), seed)
         target_labels = rng.integers(0, 3, 48)
         paths = []
-        for index, label in enumerate(target_labels):  # "depth": 0.7 − 0.5·scene, a modality gap in BN statistics
+        for index, label in enumerate(target_labels):
             paths.append(folder / f"{index:02d}.npy")
-            np.save(paths[-1], (0.7 - 0.5 * _scene(rng, int(label))).astype(np.float32))
+            np.save(paths[-1], _depth(_scene(rng, int(label))))
         self.target = ImageDataset(paths, DEPTH, preprocess, [int(v) for v in target_labels])
+        rows = []
+        for index in range(32):  # task-irrelevant pairs: crosses, seen in both modalities
+            scene = _scene(rng, 3)
+            rows.append(Pair(folder / f"ti-rgb-{index:02d}.png", folder / f"ti-depth-{index:02d}.npy"))
+            tint = rng.uniform(0.6, 1.0, 3)
+            Image.fromarray((255 * np.stack([scene * t for t in tint], axis=-1)).astype(np.uint8)).save(rows[-1].source)
+            np.save(rows[-1].target, _depth(scene))
+        self.pairs = PairedDataset(rows, DEPTH, preprocess)
 
 
 def _train_source(images: torch.Tensor, labels: torch.Tensor, seed: int) -> SourceClassifier:
@@ -92,8 +109,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(toy: _Toy, tmp_path: Path
 
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
-    assert straight.metrics["signals"] == resumed.metrics["signals"]
-    assert straight.metrics["history"] == resumed.metrics["history"]
+    for name in ("source", "history", "selected_epoch", "final", "guard"):
+        assert straight.metrics[name] == resumed.metrics[name], name
 
 
 def test_resume_refuses_a_different_config(toy: _Toy, tmp_path: Path) -> None:
@@ -103,14 +120,15 @@ def test_resume_refuses_a_different_config(toy: _Toy, tmp_path: Path) -> None:
         adapt(toy.source, toy.target, "shot", cfg, checkpoint_dir=tmp_path, resume=True)
 
 
-def test_shot_beats_source_only_on_a_modality_shift(toy: _Toy, tmp_path: Path) -> None:
+def test_adaptation_beats_source_only_on_a_modality_shift(toy: _Toy, tmp_path: Path) -> None:
     cfg = AdaptConfig(epochs=10, batch_size=16, threads=1)
     scores = {}
-    for method in ("source-only", "shot-im", "shot"):
-        result = adapt(toy.source, toy.target, method, cfg, checkpoint_dir=tmp_path / method)
+    for method in ("source-only", "shot-im", "shot", "socket"):
+        result = adapt(toy.source, toy.target, method, cfg, pairs=toy.pairs, checkpoint_dir=tmp_path / method)
         scores[method] = accuracy(result.model, toy.target, NAMES).accuracy
-        assert len(result.metrics["signals"]) == (1 if method == "source-only" else 11)
+        assert len(result.metrics["history"]) == (0 if method == "source-only" else 10)
     print(f"toy target accuracy: {scores}")
     # Seen on CPU, torch 2.13, 1 thread: source-only 0.271, shot-im 0.667, shot 0.688 (48 images).
     assert scores["shot"] > scores["source-only"]
     assert scores["shot-im"] > scores["source-only"]
+    assert scores["socket"] > scores["source-only"]
