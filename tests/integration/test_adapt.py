@@ -245,3 +245,29 @@ def test_interrupted_adapt_resumes_from_checkpoint(
     assert "resuming after epoch 1" in err and result["cached"] is True
     report = json.loads((out / "report.json").read_text())
     assert [h["epoch"] for h in report["label_free"]["history"]] == [1, 2]
+
+
+def test_strict_guard_refuses_to_publish_and_keeps_the_checkpoints(world: World, tmp_path: Path) -> None:
+    """A margin below zero makes any IM count as 'worse' (forces the guard); without --strict it only warns."""
+    site, out = site_copy(world, tmp_path), tmp_path / "out"
+    forced = ("--set", "monitor.guard_im_margin=-1000")
+    code, result, err = run_adapt(world, site, out, "shot", *forced, "--strict")
+    assert code == 8 and result["ok"] is False and result["error"]["reason"] == "negative-transfer"
+    assert "information maximisation got worse" in result["error"]["message"]
+    assert not out.exists() and (tmp_path / "out.ckpt" / "latest.json").is_file()  # nothing lost, nothing published
+    code, result, err = run_adapt(world, site, out, "shot", *forced)
+    assert code == 0, err
+    assert "negative-transfer guard" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["label_free"]["guard"] and "guard: information" in (out / "report.md").read_text()
+
+
+def test_cross_modal_method_uses_the_sites_pairs_and_refuses_a_site_without(world: World, tmp_path: Path) -> None:
+    site = site_copy(world, tmp_path)
+    code, result, err = run_adapt(world, site, tmp_path / "out", "socket")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["label_free"]["history"][0]["losses"]) == {"im", "pl", "ti", "bn"}
+    shutil.rmtree(site / "paired")
+    code, result, _ = run_adapt(world, site, tmp_path / "out2", "socket")
+    assert code == 3 and result["error"]["reason"] == "missing-pairs" and not (tmp_path / "out2").exists()

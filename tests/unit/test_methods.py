@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from xkt.client.methods import METHODS, get_method
-from xkt.client.trainer import AdaptConfig, adapt, method_config
+from xkt.client.trainer import AdaptConfig, adapt, method_config, resolve_config
 from xkt.shared.data import RGB, ImageDataset, Pair, PairedDataset, Preprocess
 from xkt.shared.errors import ConfigError
 from xkt.shared.evaluation import predict
@@ -93,3 +93,9 @@ def test_unknown_method_lists_the_choices() -> None:
     with pytest.raises(ConfigError) as error:
         get_method("shoot")
     assert "shot" in error.value.hint and "source-only" in error.value.hint
+
+
+def test_batch_size_zero_means_the_methods_preset_and_an_explicit_value_wins() -> None:
+    assert resolve_config(AdaptConfig(), "shot").batch_size == 64  # SHOT's
+    assert resolve_config(AdaptConfig(), "socket").batch_size == 32  # SOCKET's, for TR and TI batches
+    assert resolve_config(AdaptConfig(batch_size=16), "socket").batch_size == 16
