@@ -1,4 +1,4 @@
-"""``xkt-bench``: benchmark data, the demo, and (later) accuracy tables."""
+"""``xkt-bench``: benchmark data, the demo, and accuracy tables (``run``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from typing import Annotated
 
 import typer
 
-from xkt.benchmarks.demo import run_demo
-from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, command, new_app
+from xkt.benchmarks.demo import DEFAULT_DEMO_METHODS, PROFILES, run_demo
+from xkt.benchmarks.run import BenchmarkPlan, run_benchmark
+from xkt.client.methods import get_method
+from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, command, new_app
 from xkt.shared.log import emit_json, progress_bar, stderr_console
 from xkt.shared.shapes_benchmark import ShapesConfig, write_shapes_benchmark
 
 app = new_app(
     "xkt-bench",
-    "Benchmarks: generate the built-in cross-modal data, run the demo.",
+    "Benchmarks: generate the built-in cross-modal data, run the demo, measure methods against each other.",
 )
 
 
@@ -23,6 +25,13 @@ class DataKind(StrEnum):
     """Benchmark data sets ``xkt-bench data`` can generate."""
 
     shapes = "shapes"
+
+
+class DemoProfile(StrEnum):
+    """Sizes of the demo (``xkt.benchmarks.demo.PROFILES``)."""
+
+    quick = "quick"
+    full = "full"
 
 
 @app.command("data")
@@ -63,18 +72,98 @@ def data(
 @app.command("demo")
 def demo(
     work: Annotated[
-        Path, typer.Option("--work", help="Folder for data, keys and models (reused between runs).")
+        Path, typer.Option("--work", help="Folder for data, keys, model and PKI (reused between runs).")
     ] = Path(".cache/demo"),
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Source-training epochs.")] = None,
+    profile: Annotated[
+        DemoProfile,
+        typer.Option("--profile", help="quick: small model, a few minutes; full: the benchmark defaults (~20 min)."),
+    ] = DemoProfile.quick,
+    methods: Annotated[
+        list[str] | None, typer.Option("--method", help="Adaptation method to run at the site (repeatable).")
+    ] = None,
     json_output: JsonOption = False,
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
 ) -> None:
-    """Generate the data, train (or reuse) the owner's model, and show it failing on depth and IR."""
+    """The loopback story: data, owner model, TLS server, `xkt-client adapt` at the depth site, accuracy table."""
     with command(json_output=json_output, verbose=verbose, quiet=quiet):
-        result = run_demo(work, epochs=epochs)
+        chosen = tuple(methods) if methods else DEFAULT_DEMO_METHODS
+        for name in chosen:
+            get_method(name)  # an unknown name is refused before any work
+        result = run_demo(work, PROFILES[profile.value], chosen)
         if json_output:
             emit_json({"ok": True, **result})
+
+
+@app.command("run")
+def run(
+    out: Annotated[Path, typer.Option("--out", help="Folder for results.md/.json, plots and runs/ (reused: resumes).")],
+    task: Annotated[
+        str, typer.Option("--task", help="Target site folder of the data: depth or ir (depth-site0 ... with --sites).")
+    ] = "depth",
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated methods, e.g. source-only,shot,oracle "
+            "(oracle: supervised on target labels, the ceiling). Default: all of them.",
+        ),
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per method: N runs seeds 0 .. N-1.")] = 3,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Benchmark data folder (default: generate the built-in one into OUT/data)."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Signed source model (default: train one into OUT/model, signed with a throw-away key in OUT/keys).",
+        ),
+    ] = None,
+    owner_key: Annotated[
+        Path | None,
+        typer.Option("--owner-key", help="Public key --model is signed with (default: MODEL/../keys/owner.pub)."),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="Adaptation (and oracle) epochs (overrides config).")
+    ] = None,
+    overrides: SetOption = None,
+    json_output: JsonOption = False,
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Adapt with each method and seed on one site; write a markdown table, JSON and plots.
+
+    --set KEY=VALUE overrides the adaptation config (e.g. --set shot.cls_par=0.1);
+    --set oracle.KEY=VALUE the oracle's training config (e.g. --set oracle.optim.lr=0.01).
+    Finished runs (OUT/runs/) are reused, so rerunning an interrupted command continues it.
+    """
+    with command(json_output=json_output, verbose=verbose, quiet=quiet):
+        plan = BenchmarkPlan(
+            out=out,
+            task=task,
+            methods=None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip()),
+            seeds=tuple(range(seeds)),
+            data=data,
+            model=model,
+            owner_key=owner_key,
+            epochs=epochs,
+            overrides=tuple(overrides or ()),
+        )
+        with progress_bar(not quiet) as bar:
+            bar_task = bar.add_task("benchmark", total=None, status="")
+
+            def report(label: str, done: int, total: int, status: str) -> None:
+                bar.update(bar_task, description=label, completed=done, total=total, status=status)
+
+            results = run_benchmark(plan, progress=report)
+        if json_output:
+            runs = [{k: r[k] for k in ("method", "seed", "accuracy", "seconds", "label_free")} for r in results["runs"]]
+            emit_json({"ok": True, "out": str(out), **results, "runs": runs})  # per-epoch curves: results.json
+        else:
+            stderr_console().print((out / "results.md").read_text(encoding="utf-8"), markup=False)
+            stderr_console().print(f"wrote {out / 'results.md'}, {out / 'results.json'}", markup=False)
 
 
 def main() -> None:

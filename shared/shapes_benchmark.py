@@ -13,7 +13,12 @@ Why it is built like this:
 * the data set is written into ``OUT.partial/`` and renamed at the end, so a crash or
   Ctrl-C never leaves a half-written ``OUT`` that looks complete;
 * file names are running numbers over a shuffled order, so an unlabelled target folder
-  does not reveal classes through its file order.
+  does not reveal classes through its file order;
+* the classes of the unlabelled target images are written *outside* every site folder, to
+  ``truth/<site>/target_labels.csv`` (``path,label``; paths relative to that CSV's folder,
+  e.g. ``../../depth/target/000000.png``).  It exists only for benchmarks (the supervised
+  ``oracle`` ceiling of ``xkt-bench run``); a site folder never contains it, so a site, an
+  adaptation method or ``xkt-client adapt`` never sees target labels.
 
 Everything in it is synthetic (see render_sensors.py for the depth and thermal sensor models).
 """
@@ -49,6 +54,9 @@ from xkt.shared.render import (
 GENERATOR_NAME = "xkt-shapes"
 GENERATOR_VERSION = "1"
 TARGET_MODALITIES: tuple[str, ...] = ("depth", "ir")
+TRUTH_DIR = "truth"
+"""Benchmark-only ground truth, beside (never inside) the site folders."""
+TARGET_LABELS = "target_labels.csv"
 BATCH = 256
 """Scenes rendered per batch (part of the determinism contract: output depends on it)."""
 
@@ -276,20 +284,41 @@ def _write_eval(root: Path, cfg: ShapesConfig, evals: list[list[int]], progress:
     return {f"{_site_dir(m, s, cfg) if m != 'rgb' else 'rgb'}/eval": f.count for (m, s), f in folders.items()}
 
 
+def truth_labels(root: Path, site_dir: str) -> Path:
+    """Where the benchmark-only classes of ``root/site_dir/target`` are (outside the site folder)."""
+    return root / TRUTH_DIR / site_dir / TARGET_LABELS
+
+
 def _write_target(
     root: Path, modality: str, cfg: ShapesConfig, target: list[list[int]], progress: Progress | None
 ) -> dict[str, int]:
-    """Unlabelled task-class images of one modality, split across sites."""
+    """Unlabelled task-class images of one modality, split across sites, and their benchmark-only truth."""
     stage = f"target/{modality}"
     g = split_generator(cfg.seed, stage)
     items = [(c, s) for s in range(cfg.sites) for c in range(len(TASK_CLASSES)) for _ in range(target[s][c])]
     items = _shuffled(items, g)
     folders = [_Folder(root / _site_dir(modality, s, cfg) / "target", "", modality, None) for s in range(cfg.sites)]
+    truth: list[list[tuple[str, str]]] = [[] for _ in range(cfg.sites)]
     for chunk, out in _batches(items, cfg, g, stage, progress):
         arr = _modality_images(out, modality)
-        for i, (_, s) in enumerate(chunk):
-            folders[s].add(arr[i])
-    return {f"{_site_dir(modality, s, cfg)}/target": f.count for s, f in enumerate(folders)}
+        for i, (c, s) in enumerate(chunk):
+            truth[s].append((folders[s].add(arr[i]), ALL_CLASSES[c]))
+    counts: dict[str, int] = {}
+    for s, rows in enumerate(truth):
+        site_dir = _site_dir(modality, s, cfg)
+        _write_truth(truth_labels(root, site_dir), site_dir, rows)
+        counts[f"{site_dir}/target"] = folders[s].count
+        counts[f"{TRUTH_DIR}/{site_dir}"] = len(rows)
+    return counts
+
+
+def _write_truth(csv_path: Path, site_dir: str, rows: list[tuple[str, str]]) -> None:
+    """``path,label`` rows; paths are relative to the CSV's folder, as ``read_labels`` resolves them."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(("path", "label"))
+        writer.writerows((f"../../{site_dir}/target/{name}", label) for name, label in rows)
 
 
 def _write_pairs(root: Path, modality: str, cfg: ShapesConfig, progress: Progress | None) -> dict[str, int]:
@@ -341,6 +370,8 @@ def _write_all(root: Path, cfg: ShapesConfig, progress: Progress | None) -> dict
         "skew": cfg.skew,
         "skew_meaning": _SKEW_DOC,
         "transductive": False,
+        "truth": f"{TRUTH_DIR}/<site>/{TARGET_LABELS}: classes of each site's target/ images, for benchmarks "
+        "only (the supervised oracle); never inside a site folder",
         "counts": dict(sorted(counts.items())),
         "site_target_class_counts": {
             f"site{s}": dict(zip(TASK_CLASSES, target[s], strict=True)) for s in range(cfg.sites)

@@ -18,7 +18,11 @@ def _signals(im: float, diversity: float, agreement: float, entropy: float = 0.5
 
 
 def test_select_epoch_by_each_rule() -> None:
-    history = [_signals(-0.2, 1.0, 0.7, 0.9, 3.0), _signals(-0.6, 1.0, 0.9, 0.4, 2.0), _signals(-0.5, 1.0, 0.8, 0.3, 2.5)]
+    history = [
+        _signals(-0.2, 1.0, 0.7, 0.9, 3.0),
+        _signals(-0.6, 1.0, 0.9, 0.4, 2.0),
+        _signals(-0.5, 1.0, 0.8, 0.3, 2.5),
+    ]
     assert select_epoch(history, "last") == 2
     assert select_epoch(history, "im") == 1  # lowest IM
     assert select_epoch(history, "agreement") == 1  # highest agreement

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from xkt.shared import shapes_benchmark as sb
+from xkt.shared.data import read_labels
 from xkt.shared.errors import DataError
 from xkt.shared.render import MAX_RANGE_MM, TASK_CLASSES, THERMAL_RANGE_CK, TI_CLASSES
 from xkt.shared.shapes_benchmark import ShapesConfig, write_shapes_benchmark
@@ -214,3 +215,26 @@ def test_split_generators_are_deterministic_and_independent() -> None:
     assert a == sb.split_generator(0, "eval").initial_seed()
     assert a != sb.split_generator(0, "owner/train").initial_seed()
     assert a != sb.split_generator(1, "eval").initial_seed()
+
+
+def test_target_truth_is_outside_every_site_and_names_each_target_image(
+    one_site: tuple[Path, dict[str, Any]], three_sites: tuple[Path, dict[str, Any]]
+) -> None:
+    for out, summary in (one_site, three_sites):
+        site_dirs = [name for name in summary["counts"] if name.endswith("/target")]
+        assert site_dirs
+        for key in site_dirs:
+            site_dir = key.removesuffix("/target")
+            csv_path = sb.truth_labels(out, site_dir)
+            assert csv_path == out / "truth" / site_dir / "target_labels.csv"
+            rows = read_labels(csv_path)
+            targets = sorted((out / site_dir / "target").glob("*.png"))
+            assert [r.path.resolve() for r in rows] == [p.resolve() for p in targets]  # every image, file order
+            assert {r.label for r in rows} <= set(TASK_CLASSES)
+            assert len(rows) == summary["counts"][f"truth/{site_dir}"] == summary["counts"][key]
+            assert not list((out / site_dir).rglob("target_labels.csv")), "a site folder never holds the truth"
+    out, summary = three_sites
+    for k in range(3):  # the truth agrees with the per-site class counts the generator planned
+        rows = read_labels(sb.truth_labels(out, f"depth-site{k}"))
+        planned = summary["site_target_class_counts"][f"site{k}"]
+        assert {c: sum(r.label == c for r in rows) for c in TASK_CLASSES} == planned
