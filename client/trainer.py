@@ -319,6 +319,8 @@ def _train_epoch(
     for module in algorithm.modules().values():
         module.train()
     sums: dict[str, float] = {}
+    if progress is not None:
+        progress(f"{algorithm.name} {where.label}", 0, steps, "")  # the epoch's steps start now
     for index, (images, indices) in enumerate(batches(target, order, cfg.batch_size)):
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(within * steps + index, total, cfg.optim, warmup)

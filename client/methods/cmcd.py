@@ -6,13 +6,18 @@ site has no target labels, so the distillation runs on the task-irrelevant pairs
 the frozen source classifier and information maximisation on the unlabelled task
 images (SHOT's recipe, methods.md §1) keep the model a classifier (methods.md §4.5):
 
-    L = λ_c · L_CMC (or L_CMD) + λ_IM · L_IM [+ λ_PL · L_PL]
+    L = λ_c · L_CMC (or L_CMD, or L_L2) + λ_IM · L_IM [+ λ_PL · L_PL]
 
 - L_CMC, the paper's CMC: CLIP's symmetric InfoNCE over a batch of TI pairs; the pair is
   the positive, the other pairs of the batch are the negatives (``symmetric_info_nce``).
 - L_CMD, the paper's CMD (``variant = "cmd"``; the paper uses CMC *or* CMD, never both):
   SEED's similarity distillation against a FIFO queue of earlier source embeddings,
   with a sharper teacher than student temperature (``similarity_distillation``).
+- L_L2 (``variant = "l2"``), the ablation "CMCD without negatives": positive-only
+  matching, the mean over pairs of ‖e_t − e_s‖² = 2 − 2·cos(e_t, e_s) with the same
+  embeddings as CMC and CMD (``normalised_pair_distance``).  It is the L2 feature
+  matching that, the reviewers note, the paper's bound does not show CMC/CMD to beat
+  (methods.md §4.3, §4.5); only the negatives differ from CMC, so it measures what they add.
 - L_IM on the target batch through the model's copy of the frozen source classifier.
 - L_PL, SHOT's centroid pseudo-labels, off by default (see ``CmcdConfig.pl_weight``).
 
@@ -55,6 +60,7 @@ from torch import nn
 from xkt.client.methods.base import Batch, Method, MethodConfig, SiteData, TargetOutputs, register
 from xkt.client.methods.losses import (
     information_maximisation,
+    normalised_pair_distance,
     pseudo_label_cross_entropy,
     similarity_distillation,
     symmetric_info_nce,
@@ -65,7 +71,7 @@ from xkt.client.methods.socket import source_pair_features
 from xkt.shared.errors import ConfigError
 from xkt.shared.models import SourceClassifier
 
-VARIANTS = ("cmc", "cmd")
+VARIANTS = ("cmc", "cmd", "l2")
 HEADS = ("residual", "mlp")
 
 
@@ -73,7 +79,9 @@ HEADS = ("residual", "mlp")
 class CmcdConfig(MethodConfig):
     """CMCD's settings.  The paper's temperatures, queue size and weights are not retrieved (methods.md §4.2)."""
 
-    variant: str = "cmc"  # "cmc": symmetric InfoNCE in the batch; "cmd": SEED-style distillation over a queue
+    # "cmc": symmetric InfoNCE in the batch; "cmd": SEED-style distillation over a queue;
+    # "l2": the ablation without negatives, 2 − 2·cos of each pair (same head, same weight λ_c)
+    variant: str = "cmc"
     contrastive_weight: float = 1.0  # λ_c of the variant's term; the paper's only TI term, so on a par with L_IM
     im_weight: float = 1.0  # λ_IM, as SHOT and SOCKET
     pl_weight: float = 0.0  # λ_PL: the issue defines CMCD as CMC + frozen classifier + IM; 0.3 is SHOT's
@@ -87,8 +95,9 @@ class CmcdConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(
-                f"cmcd.variant must be 'cmc' or 'cmd', not {self.variant!r}",
-                hint="set cmcd.variant=cmc (contrastive, in-batch negatives) or cmd (similarity distillation)",
+                f"cmcd.variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}",
+                hint="set cmcd.variant=cmc (contrastive, in-batch negatives), cmd (similarity distillation)"
+                " or l2 (the ablation without negatives)",
                 reason="bad-config-value",
             )
         if self.head not in HEADS:
@@ -118,13 +127,9 @@ class CmcdConfig(MethodConfig):
 
     @property
     def weights(self) -> dict[str, float]:
-        """{"cmc", "cmd", "im", "pl"} → their λ; the variant not selected weighs 0 (it is never computed)."""
-        return {
-            "cmc": self.contrastive_weight if self.variant == "cmc" else 0.0,
-            "cmd": self.contrastive_weight if self.variant == "cmd" else 0.0,
-            "im": self.im_weight,
-            "pl": self.pl_weight,
-        }
+        """{"cmc", "cmd", "l2", "im", "pl"} → their λ; the variants not selected weigh 0 (they are never computed)."""
+        variants = {name: self.contrastive_weight if self.variant == name else 0.0 for name in VARIANTS}
+        return variants | {"im": self.im_weight, "pl": self.pl_weight}
 
 
 class ResidualProjectionHead(ProjectionHead):
@@ -192,13 +197,14 @@ class SourceEmbeddingQueue(nn.Module):
 
 @register("cmcd")
 class Cmcd(Method):
-    """Contrastive distillation (CMC or CMD) on TI pairs + IM through the frozen classifier."""
+    """Contrastive distillation (CMC or CMD; L2 without negatives as the ablation) on TI pairs + IM."""
 
     default_config = CmcdConfig()
     config: CmcdConfig
     needs_pairs = True
     # Contrastive terms need negatives: a batch of B pairs gives each positive B − 1 (CMC),
     # so keep SHOT's 64 rather than SOCKET's 32; the TI batch follows it (pair_batch_size 0).
+    # The l2 ablation keeps the same batch, so that only the negatives differ from CMC.
     batch_size = 64
 
     def __init__(self, config: CmcdConfig) -> None:
@@ -244,7 +250,7 @@ class Cmcd(Method):
         return embedded
 
     def losses(self, model: SourceClassifier, batch: Batch) -> dict[str, torch.Tensor]:
-        """{"cmc"} or {"cmd"} on the TI pairs, {"im"} (and {"pl"} when λ_PL > 0) on the target batch."""
+        """{"cmc"}, {"cmd"} or {"l2"} on the TI pairs, {"im"} (and {"pl"} when λ_PL > 0) on the target batch."""
         if batch.pairs is None:
             raise RuntimeError("cmcd needs TI pairs in every batch")
         logits = model(batch.images)  # (B, K) through the frozen classifier
@@ -255,7 +261,9 @@ class Cmcd(Method):
             terms["pl"] = pseudo_label_cross_entropy(logits, self.pseudo_labels[batch.indices])
         target = self.embed_pairs(model, batch.pairs.target)  # (B', D), unit rows
         source = self.source_embeddings[batch.pairs.indices]  # (B', D), unit rows, constants
-        if self.queue is None:
+        if self.config.variant == "l2":
+            terms["l2"] = normalised_pair_distance(target, source)
+        elif self.queue is None:
             terms["cmc"] = symmetric_info_nce(target, source, self.config.temperature)
         else:
             cfg = self.config

@@ -209,3 +209,19 @@ def confident_pseudo_label_cross_entropy(
     kept = (confidence >= threshold).to(logits.dtype)  # (N,)
     per_sample = nn.functional.cross_entropy(logits, labels, reduction="none")  # (N,)
     return (per_sample * kept).sum() / kept.sum().clamp_min(1.0)
+
+
+def normalised_pair_distance(target_embeddings: torch.Tensor, source_embeddings: torch.Tensor) -> torch.Tensor:
+    """Positive-only pair matching: the mean squared L2 distance of the L2-normalised pairs (CMCD's ``l2``).
+
+    Shapes: target_embeddings z_t (N, D), source_embeddings z_s (N, D) → scalar.  Each row
+    is L2-normalised here, e_i = z_i / ‖z_i‖, and
+    L = (1/N) Σ_i ‖e_t,i − e_s,i‖² = (1/N) Σ_i (2 − 2·cos(z_t,i, z_s,i)), in [0, 4].
+    It pulls each target embedding toward its own pair only, with no negatives: the
+    "L2 feature matching" baseline that CMC and CMD are compared with (methods.md §4.3,
+    §4.5).  Unlike ``ti_feature_distance`` it is scale-free and averaged over pairs.
+    z_s (the frozen source) should be detached by the caller.
+    """
+    target = nn.functional.normalize(target_embeddings, dim=1)
+    source = nn.functional.normalize(source_embeddings, dim=1)
+    return (target - source).pow(2).sum(dim=1).mean()

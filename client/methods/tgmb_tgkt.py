@@ -35,6 +35,13 @@ bottleneck train, the classifier stays frozen, T is frozen in eval mode (methods
   (``pseudo_labels = "prediction"``; ``"centroid"`` uses SHOT's centroid labels instead,
   filtered by the model's probability of that label).
 
+**Ablation, TGKT without TGMB** (``translate = false``): the reviewers' question "is T
+needed vs copying depth into 3 channels?" (methods.md §3.4, §6).  There is no stage 1
+and no translator or critic is built (nothing extra is trained or checkpointed); the
+only stage is TGKT, unchanged, except that the teacher is the frozen source applied to
+the target images as the site prepares them (a one-channel sensor repeated to three
+channels, normalised as the source's RGB), f_s(x) instead of f_s(T(x)).
+
 The loss weights and schedule are not reported [N/R]; the defaults below are choices,
 each noted where it is made.
 """
@@ -80,6 +87,9 @@ TGMB, TGKT = "tgmb", "tgkt"
 class TgmbTgktConfig(MethodConfig):
     """TGMB + TGKT settings; every weight is [N/R] in the paper, so each default is a stated choice."""
 
+    # False: the reviewers' ablation, TGKT without TGMB: no stage 1, no translator, and the teacher is the
+    # frozen source on the channel-replicated target images as they are (module doc).
+    translate: bool = True
     tgmb_epochs: int = 10  # stage 1 length [N/R]; T is tiny, so a short stage (stage 2 = the trainer's epochs)
     # Stage 1 (TGMB): L = rec·L_rec + adversarial·L_D + source_im·L_IM^s + source_bn·L_BN^s.
     rec_weight: float = 1.0  # the paper's unit weight on L_rec (L_TGMB = L_rec + λ_D·L_D + λ_IM·L_IM)
@@ -106,7 +116,7 @@ class TgmbTgktConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         problems = []
-        if self.tgmb_epochs < 1:
+        if self.translate and self.tgmb_epochs < 1:
             problems.append("tgmb_tgkt.tgmb_epochs must be ≥ 1 (TGKT distils through the translator TGMB trains)")
         if self.temperature <= 0:
             problems.append("tgmb_tgkt.temperature must be positive")
@@ -173,21 +183,29 @@ class TgmbTgkt(Method):
         self.confidence: torch.Tensor | None = None  # (N,) the model's probability of each pseudo-label
 
     def stages(self, epochs: int) -> list[Stage]:
-        """TGMB for ``tgmb_epochs`` (only T and D train), then TGKT for the trainer's ``epochs``."""
-        return [Stage(TGMB, self.config.tgmb_epochs, trains_model=False), Stage(TGKT, epochs, trains_model=True)]
+        """TGMB for ``tgmb_epochs`` (only T and D train), then TGKT for ``epochs``; TGKT alone without ``translate``."""
+        tgkt = Stage(TGKT, epochs, trains_model=True)
+        if not self.config.translate:
+            return [tgkt]
+        return [Stage(TGMB, self.config.tgmb_epochs, trains_model=False), tgkt]
 
     def setup(self, source: SourceClassifier, data: SiteData) -> dict[str, float]:
-        """Build T and D, snapshot the source's BN statistics and embed every TI pair's RGB half once."""
+        """Build T and D, snapshot the source's BN statistics and embed every TI pair's RGB half once.
+
+        Without ``translate`` only the pair embedding is made: stage 1's T, D and BN
+        reference are never built.
+        """
         self.source = source
-        self.translator = Translator(data.preprocess.mean, data.preprocess.std, self.config.translator_channels)
-        self.discriminator = ModalityDiscriminator(width=self.config.discriminator_width)
-        self.reference = source_batchnorm_reference(source.backbone)
-        self.layer_weights = stem_weighted(len(self.reference), self.config.stem_weight)
+        if self.config.translate:
+            self.translator = Translator(data.preprocess.mean, data.preprocess.std, self.config.translator_channels)
+            self.discriminator = ModalityDiscriminator(width=self.config.discriminator_width)
+            self.reference = source_batchnorm_reference(source.backbone)
+            self.layer_weights = stem_weighted(len(self.reference), self.config.stem_weight)
         self.source_ti_features, distance = source_pair_features(source, data)
         return {"ti_feature_distance_per_pair": distance}
 
     def modules(self) -> dict[str, nn.Module]:
-        """T and D in every stage, so the trainer checkpoints (and restores) both throughout."""
+        """T and D in every stage, so the trainer checkpoints (and restores) both; none without ``translate``."""
         if self.translator is None or self.discriminator is None:
             return {}
         return {"translator": self.translator, "discriminator": self.discriminator}
@@ -261,13 +279,17 @@ class TgmbTgkt(Method):
 
     @torch.no_grad()
     def _teacher_logits(self, data: SiteData) -> torch.Tensor:
-        """f_s(T(x)) of every target image (N, K), T in eval mode; T's buffers are left untouched."""
-        translator, _ = self._modules()
+        """f_s(T(x)) of every target image (N, K), T in eval mode; T's buffers are left untouched.
+
+        Without ``translate``: f_s(x), the source on the channel-replicated images as they are.
+        """
         source = self._source()
-        translator.eval()
+        translator = self._modules()[0] if self.config.translate else None
+        if translator is not None:
+            translator.eval()
         logits = torch.empty(0)
         for images, indices in data.target():
-            batch_logits = source(translator(images))
+            batch_logits = source(images if translator is None else translator(images))
             if logits.numel() == 0:
                 logits = torch.empty(data.target_size, batch_logits.shape[1])
             logits[indices] = batch_logits

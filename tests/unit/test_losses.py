@@ -18,6 +18,7 @@ from xkt.client.methods.losses import (
     generator_adversarial_loss,
     information_maximisation,
     mean_entropy,
+    normalised_pair_distance,
     pixel_reconstruction,
     pseudo_label_cross_entropy,
     similarity_distillation,
@@ -250,6 +251,7 @@ def test_confident_pseudo_label_cross_entropy_is_zero_with_a_gradient_path_when_
             torch.eye(2, 3), torch.nn.functional.normalize(x, dim=1), torch.eye(3), 0.05, 0.1
         ),
         lambda x: pixel_reconstruction(x, torch.zeros(2, 3)),
+        lambda x: normalised_pair_distance(x, torch.eye(2, 3)),
         lambda x: generator_adversarial_loss(x.sum(dim=1)),
     ],
 )
@@ -257,3 +259,15 @@ def test_cross_modal_terms_have_finite_gradients(term: Callable[[torch.Tensor], 
     x = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]], requires_grad=True)
     term(x).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_normalised_pair_distance_is_mean_squared_distance_of_unit_rows() -> None:
+    target = torch.tensor([[3.0, 4.0], [2.0, 0.0]], dtype=torch.float64)
+    source = torch.tensor([[4.0, 3.0], [0.0, 5.0]], dtype=torch.float64)
+    # Unit rows: (0.6, 0.8) vs (0.8, 0.6), squared distance 0.04 + 0.04 = 0.08 = 2 − 2·0.96;
+    # (1, 0) vs (0, 1), squared distance 2 = 2 − 2·0.  Mean over the two pairs: 1.04.
+    assert normalised_pair_distance(target, source).item() == pytest.approx(1.04)
+    # Scale-free, zero for pairs pointing the same way, and 4 (the maximum) for opposite ones.
+    assert normalised_pair_distance(7 * target, source).item() == pytest.approx(1.04)
+    assert normalised_pair_distance(3 * source, source).item() == pytest.approx(0.0, abs=1e-12)
+    assert normalised_pair_distance(-source, source).item() == pytest.approx(4.0)
