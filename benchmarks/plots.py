@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from xkt.benchmarks.oracle import ORACLE
+from xkt.benchmarks.selection import selection_markdown
 
 logger = logging.getLogger("xkt")
 
@@ -124,8 +125,8 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"| {run['method']} | {run['seed']} | {_percent(run['accuracy'])} | {run['seconds']:.1f} s "
             f"| {entropy} | {im} |"
         )
+    lines += ["", *selection_markdown(runs)]
     lines += [
-        "",
         "Accuracy on the site's labelled eval images; sd is the sample sd over seeds. Gap closed = "
         "(method − source-only) / (oracle − source-only) on mean accuracies. Wall time covers the "
         "adaptation (or oracle training), not the evaluation.",

@@ -16,6 +16,7 @@ from xkt.benchmarks.cli import app
 from xkt.benchmarks.oracle import truth_dataset
 from xkt.benchmarks.plots import gap_closed, mean_curves, mean_sd, summarise, write_plots
 from xkt.benchmarks.run import BenchmarkPlan, check_methods, run_benchmark
+from xkt.benchmarks.selection import selection_markdown, selection_rows
 from xkt.server.source_training import ModelConfig, SourceTrainConfig
 from xkt.shared.data import RGB, Preprocess
 from xkt.shared.errors import ConfigError, DataError
@@ -190,3 +191,26 @@ def test_other_settings_in_the_same_out_are_refused(bench: tuple[Path, Path, dic
     assert result.exit_code == 3, result.output
     error = json.loads(result.stdout)["error"]
     assert error["reason"] == "settings-changed" and "adapt" in error["message"] and "--out" in error["hint"]
+
+
+def test_selection_study_by_hand() -> None:
+    """Two runs of one method; each rule's pick is read off the hand-made curves."""
+    curve_a = [
+        {"epoch": 0, "eval_accuracy": 0.2},
+        {"epoch": 1, "eval_accuracy": 0.5, "im": -0.5, "mean_entropy": 0.9, "agreement": 0.9, "bn_distance": 3.0},
+        {"epoch": 2, "eval_accuracy": 0.4, "im": -0.7, "mean_entropy": 0.8, "agreement": 0.8, "bn_distance": 2.0},
+    ]
+    curve_b = [
+        {"epoch": 0, "eval_accuracy": 0.2},
+        {"epoch": 1, "eval_accuracy": 0.6, "im": -0.9, "mean_entropy": 0.5, "agreement": 0.7, "bn_distance": 1.0},
+        {"epoch": 2, "eval_accuracy": 0.8, "im": -0.8, "mean_entropy": 0.6, "agreement": 0.9, "bn_distance": 4.0},
+    ]
+    runs = [{"method": "m", "curve": curve_a}, {"method": "m", "curve": curve_b}]
+    [row] = selection_rows(runs)
+    assert row["last"] == pytest.approx((0.4 + 0.8) / 2)
+    assert row["im"] == pytest.approx((0.4 + 0.6) / 2)  # lowest IM: a epoch 2, b epoch 1
+    assert row["agreement"] == pytest.approx((0.5 + 0.8) / 2)
+    assert row["entropy"] == pytest.approx((0.4 + 0.6) / 2)
+    assert row["bn"] == pytest.approx((0.4 + 0.6) / 2)
+    assert row["hindsight"] == pytest.approx((0.5 + 0.8) / 2)
+    assert any("hindsight" in line for line in selection_markdown(runs))

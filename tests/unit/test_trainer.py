@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xkt.client.trainer import AdaptConfig, adapt
+from xkt.client.trainer import AdaptConfig, AdaptOptimConfig, adapt
 from xkt.shared.data import ImageDataset, Modality, Pair, PairedDataset, Preprocess, normalise
 from xkt.shared.errors import ConfigError
 from xkt.shared.evaluation import accuracy
@@ -132,3 +132,14 @@ def test_adaptation_beats_source_only_on_a_modality_shift(toy: _Toy, tmp_path: P
     assert scores["shot"] > scores["source-only"]
     assert scores["shot-im"] > scores["source-only"]
     assert scores["socket"] > scores["source-only"]
+
+
+def test_guard_fires_when_adaptation_is_deliberately_broken(toy: _Toy, tmp_path: Path) -> None:
+    """A learning rate 10,000× too high wrecks the features: the kept model collapses and the guard says so."""
+    cfg = AdaptConfig(epochs=2, batch_size=16, threads=1, optim=AdaptOptimConfig(lr=100.0))
+    broken = adapt(toy.source, toy.target, "shot-im", cfg, checkpoint_dir=tmp_path / "broken")
+    assert broken.metrics["guard"], broken.metrics["final"]
+    healthy = adapt(
+        toy.source, toy.target, "shot", AdaptConfig(epochs=2, batch_size=16, threads=1), checkpoint_dir=tmp_path / "ok"
+    )
+    assert healthy.metrics["guard"] == []
