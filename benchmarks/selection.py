@@ -19,7 +19,7 @@ RULES = ("last", *SELECTION_RULES)
 
 def picked_accuracy(curve: Sequence[Mapping[str, Any]], rule: str) -> float | None:
     """Eval accuracy of the epoch ``rule`` keeps among a run's trained epochs (None: nothing to pick)."""
-    trained = [point for point in curve if point["epoch"] > 0 and "eval_accuracy" in point and "im" in point]
+    trained = [dict(point) for point in curve if point["epoch"] > 0 and "eval_accuracy" in point and "im" in point]
     if not trained:
         return None
     return float(trained[select_epoch(trained, rule)]["eval_accuracy"])

@@ -65,7 +65,7 @@ from xkt.client.methods.losses import (
     similarity_distillation,
     symmetric_info_nce,
 )
-from xkt.client.methods.projection import ProjectionHead
+from xkt.client.methods.projection import EmbeddingQueue, ProjectionHead
 from xkt.client.methods.pseudo_labels import centroid_pseudo_labels
 from xkt.client.methods.socket import source_pair_features
 from xkt.shared.errors import ConfigError
@@ -158,43 +158,6 @@ def projection_head(kind: str, dim: int, hidden_dim: int = 0) -> ProjectionHead:
     return ResidualProjectionHead(dim, hidden) if kind == "residual" else ProjectionHead(dim, hidden, out_dim=dim)
 
 
-class SourceEmbeddingQueue(nn.Module):
-    """SEED's first-in-first-out queue of source embeddings, held in buffers so checkpoints carry it.
-
-    Same behaviour as :class:`~xkt.client.methods.projection.EmbeddingQueue` (at most
-    ``size`` rows, oldest dropped first, pushes stored detached and L2-normalised,
-    :meth:`tensor` a new tensor oldest first), but the rows (``size``, ``dim``) and the
-    fill count are registered buffers: they travel in ``state_dict``, which is all the
-    trainer saves and restores of a method's modules.  Rows are kept oldest first, so
-    the state is the contents, with no write pointer.
-    """
-
-    rows: torch.Tensor
-    count: torch.Tensor
-
-    def __init__(self, size: int, dim: int) -> None:
-        super().__init__()
-        if size < 1 or dim < 1:
-            raise ValueError("queue size and dimension must be positive")
-        self.size = size
-        self.register_buffer("rows", torch.zeros(size, dim))
-        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
-
-    def __len__(self) -> int:
-        return int(self.count)
-
-    def push(self, embeddings: torch.Tensor) -> None:
-        """Append a (B, dim) batch, detached and L2-normalised, dropping the oldest rows beyond ``size``."""
-        new = nn.functional.normalize(embeddings.detach(), dim=1).to(self.rows)
-        kept = torch.cat([self.rows[: len(self)], new])[-self.size :]  # (≤ size, dim), oldest first
-        self.rows[: len(kept)] = kept
-        self.count.fill_(len(kept))
-
-    def tensor(self) -> torch.Tensor:
-        """The stored embeddings (len, dim), oldest first, as a new tensor (later pushes never change it)."""
-        return self.rows[: len(self)].clone()
-
-
 @register("cmcd")
 class Cmcd(Method):
     """Contrastive distillation (CMC or CMD; L2 without negatives as the ablation) on TI pairs + IM."""
@@ -211,7 +174,7 @@ class Cmcd(Method):
         super().__init__(config)
         self.source_embeddings = torch.empty(0)  # (P, D) e_s = z_s / ‖z_s‖ of every pair's RGB half
         self.head: ProjectionHead | None = None  # built in setup, once D is known
-        self.queue: SourceEmbeddingQueue | None = None  # CMD only
+        self.queue: EmbeddingQueue | None = None  # CMD only
         self.pseudo_labels: torch.Tensor | None = None
 
     def setup(self, source: SourceClassifier, data: SiteData) -> dict[str, float]:
@@ -221,7 +184,7 @@ class Cmcd(Method):
         dim = features.shape[1]
         self.head = projection_head(self.config.head, dim, self.config.head_hidden_dim)
         if self.config.variant == "cmd":
-            self.queue = SourceEmbeddingQueue(min(self.config.queue_size, data.pair_count), dim)
+            self.queue = EmbeddingQueue(min(self.config.queue_size, data.pair_count), dim)
         return {"ti_feature_distance_per_pair": distance}
 
     def modules(self) -> dict[str, nn.Module]:

@@ -34,39 +34,39 @@ class ProjectionHead(nn.Module):
         return nn.functional.normalize(self.mlp(features), dim=1)  # (N, d_out), unit rows
 
 
-class EmbeddingQueue:
-    """A first-in-first-out ring buffer of at most ``size`` L2-normalised source embeddings of dimension ``dim``.
+class EmbeddingQueue(nn.Module):
+    """SEED's first-in-first-out queue of at most ``size`` L2-normalised source embeddings.
 
-    :meth:`push` stores a batch detached (and L2-normalised, which changes nothing
-    for embeddings that already are), overwriting the oldest rows once full; a batch
-    larger than the queue keeps only its last ``size`` rows.  :meth:`tensor` returns a
-    new (len, dim) tensor, oldest row first, so a later push never modifies a tensor a
-    loss has already used (autograd would refuse an in-place change to it).  No
-    randomness: the contents depend only on the pushes.  As in SEED, push the source
-    embeddings *after* computing the step's loss, so a sample never meets itself twice.
+    :meth:`push` stores a batch detached and L2-normalised, dropping the oldest rows
+    beyond ``size`` (a batch larger than the queue keeps its last ``size`` rows);
+    :meth:`tensor` returns a new (len, dim) tensor, oldest first, so a later push never
+    changes a tensor a loss has used.  The rows and the fill count are registered
+    buffers: they travel in ``state_dict``, which is all the trainer saves and restores
+    of a method's modules, so a resumed run continues with the same queue.  As in SEED,
+    push the source embeddings *after* the step's loss, so a sample never meets itself.
     """
 
-    def __init__(self, size: int, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    rows: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
         if size < 1 or dim < 1:
             raise ValueError("queue size and dimension must be positive")
         self.size = size
-        self._buffer = torch.zeros(size, dim, device=device, dtype=dtype)
-        self._next = 0  # row the next push writes first
-        self._count = 0  # rows filled so far, ≤ size
+        self.register_buffer("rows", torch.zeros(size, dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
 
     def __len__(self) -> int:
-        return self._count
+        return int(self.count)
 
     def push(self, embeddings: torch.Tensor) -> None:
         """Append a (B, dim) batch, detached and L2-normalised, dropping the oldest rows beyond ``size``."""
-        rows = nn.functional.normalize(embeddings.detach(), dim=1)[-self.size :].to(self._buffer)
-        positions = (self._next + torch.arange(len(rows))) % self.size
-        self._buffer[positions.to(self._buffer.device)] = rows
-        self._next = (self._next + len(rows)) % self.size
-        self._count = min(self._count + len(rows), self.size)
+        new = nn.functional.normalize(embeddings.detach(), dim=1).to(self.rows)
+        kept = torch.cat([self.rows[: len(self)], new])[-self.size :]  # (≤ size, dim), oldest first
+        self.rows[: len(kept)] = kept
+        self.count.fill_(len(kept))
 
     def tensor(self) -> torch.Tensor:
-        """The stored embeddings (len, dim), oldest first, as a new tensor."""
-        start = self._next - self._count  # negative once wrapped: the oldest row sits at _next
-        order = (start + torch.arange(self._count)) % self.size
-        return self._buffer[order.to(self._buffer.device)]
+        """The stored embeddings (len, dim), oldest first, as a new tensor (later pushes never change it)."""
+        return self.rows[: len(self)].clone()

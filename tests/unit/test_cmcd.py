@@ -15,7 +15,6 @@ from xkt.client.methods.cmcd import (
     Cmcd,
     CmcdConfig,
     ResidualProjectionHead,
-    SourceEmbeddingQueue,
     projection_head,
 )
 from xkt.client.methods.projection import EmbeddingQueue, ProjectionHead
@@ -102,16 +101,13 @@ def test_residual_head_starts_as_the_identity_direction_and_learns_a_correction(
     assert not torch.allclose(head(features), torch.nn.functional.normalize(features, dim=1))
 
 
-def test_queue_matches_embedding_queue_and_survives_a_state_dict_round_trip() -> None:
+def test_queue_survives_a_state_dict_round_trip() -> None:
     torch.manual_seed(0)
-    queue, reference = SourceEmbeddingQueue(size=5, dim=3), EmbeddingQueue(size=5, dim=3)
+    queue = EmbeddingQueue(size=5, dim=3)
     for rows in (2, 2, 3, 7, 1):
-        batch = torch.randn(rows, 3)
-        queue.push(batch)
-        reference.push(batch)
-        assert len(queue) == len(reference) and torch.allclose(queue.tensor(), reference.tensor())
+        queue.push(torch.randn(rows, 3))
     used = queue.tensor()
-    restored = SourceEmbeddingQueue(size=5, dim=3)
+    restored = EmbeddingQueue(size=5, dim=3)
     restored.load_state_dict(copy.deepcopy(queue.state_dict()))
     assert len(restored) == 5 and torch.equal(restored.tensor(), used)
     queue.push(torch.randn(2, 3))
