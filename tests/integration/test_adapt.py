@@ -18,22 +18,20 @@ from typing import Any
 
 import grpc  # type: ignore[import-untyped, unused-ignore]
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import xkt.client.commands.adapt as adapt_command
 from xkt.protos import source_model_pb2 as pb
-from xkt.server.auth import add_token
-from xkt.server.serving import ServeConfig, run_server
-from xkt.shared.artifact import InputSpec, save_artifact, verify_artifact
+from xkt.server.serving import run_server
+from xkt.shared.artifact import verify_artifact
 from xkt.shared.cli_support import new_app
 from xkt.shared.data import IMAGENET_MEAN, IMAGENET_STD, fingerprint, list_images
-from xkt.shared.models import ArchSpec, build_model
+from xkt.shared.models import ArchSpec
 from xkt.shared.shapes_benchmark import ShapesConfig, write_shapes_benchmark
-from xkt.shared.signing import generate_keypair, load_private_key, load_public_key
+from xkt.shared.signing import generate_keypair, load_public_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tls_fixtures import make_pki  # noqa: E402
+from owner_fixtures import make_owner  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 ARCH = ArchSpec("resnet_tiny", num_classes=6, kwargs={"width": 8})
@@ -64,35 +62,13 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("adapt")
     write_shapes_benchmark(root / "data", ShapesConfig(seed=0, size=32, per_class=2, site_per_class=8))
-    key, pub = generate_keypair(root / "keys")
-    torch.manual_seed(0)
-    manifest = save_artifact(
-        build_model(ARCH).eval(),
-        out_dir=root / "model",
-        private_key=load_private_key(key),
-        model_id="toy",
-        model_version="1",
-        arch=ARCH,
-        class_names=CLASSES,
-        input_spec=InputSpec("rgb", 3, 32, IMAGENET_MEAN, IMAGENET_STD),
-        provenance={"kind": "source"},
+    owner = make_owner(
+        root, arch=ARCH, class_names=CLASSES, mean=IMAGENET_MEAN, std=IMAGENET_STD, provenance={"kind": "source"}
     )
-    pki = make_pki(root / "pki")
-    for path in (root / "pki").glob("*.key"):
-        path.chmod(0o600)
-    token_file = root / "token"
-    token_file.write_text(add_token(root / "tokens.txt", "site-a") + "\n")
-    token_file.chmod(0o600)
-    config = ServeConfig(
-        model_dir=root / "model",
-        owner_key=pub,
-        tls_cert=pki.server.cert_path,
-        tls_key=pki.server.key_path,
-        tokens=root / "tokens.txt",
-        grace_s=0.5,
-    )
-    with run_server(config) as running:
-        yield World(root, root / "data", pub, pki.ca.cert_path, token_file, manifest.weights.sha256, running.port)
+    with run_server(owner.serve_config()) as running:
+        yield World(
+            root, root / "data", owner.owner_pub, owner.pki.ca.cert_path, owner.token_file, owner.sha256, running.port
+        )
 
 
 class Recorder(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]

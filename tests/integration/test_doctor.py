@@ -11,118 +11,56 @@ the data row.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
-import select
-import signal
-import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2
 from PIL import Image
 from typer.testing import CliRunner
 
 from xkt.client.cli import app
 from xkt.protos import source_model_pb2 as pb
-from xkt.server.auth import add_token
-from xkt.shared.artifact import InputSpec, save_artifact
-from xkt.shared.models import ArchSpec, build_model
-from xkt.shared.signing import generate_keypair, load_private_key
+from xkt.shared.models import ArchSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tls_fixtures import Pki, make_pki  # noqa: E402
+from owner_fixtures import BIN, LoopbackProxy, OwnerFiles, make_owner, serve_subprocess  # noqa: E402
 
 doctor_module = importlib.import_module("xkt.client.commands.doctor")
 
 ARCH = ArchSpec("resnet_tiny", num_classes=4)  # the smallest model there is: ~0.4 MB
-BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 30.0
 NETWORK_ROWS = ("reachable", "tls", "identity", "owner-key", "health")
 pytestmark = pytest.mark.timeout(90)
 
 
-@dataclass(frozen=True)
-class Owner:
-    root: Path
-    model_dir: Path
-    owner_pub: Path
-    other_pub: Path
-    pki: Pki
-    tokens: Path
-    token_file: Path
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory: pytest.TempPathFactory) -> OwnerFiles:
+    return make_owner(tmp_path_factory.mktemp("doctor"), arch=ARCH, class_names=list("abcd"))
 
 
 @pytest.fixture(scope="module")
-def owner(tmp_path_factory: pytest.TempPathFactory) -> Owner:
-    root = tmp_path_factory.mktemp("doctor")
-    key, pub = generate_keypair(root / "keys")
-    _other, other_pub = generate_keypair(root / "other")
-    torch.manual_seed(0)
-    save_artifact(
-        build_model(ARCH).eval(),
-        out_dir=root / "model",
-        private_key=load_private_key(key),
-        model_id="toy",
-        model_version="1",
-        arch=ARCH,
-        class_names=list("abcd"),
-        input_spec=InputSpec("rgb", 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-        provenance={"trainer": "test"},
-    )
-    pki = make_pki(root / "pki")
-    token = add_token(root / "tokens.txt", "site-a")
-    token_file = root / "token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)  # the client refuses a token file others can read
-    return Owner(root, root / "model", pub, other_pub, pki, root / "tokens.txt", token_file)
-
-
-def _serve(owner: Owner, folder: Path, *transport: str) -> Iterator[int]:
-    """``xkt-server serve`` on 127.0.0.1 port 0 with ``transport`` flags; yields its port, then SIGTERMs it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    args = [str(BIN / "xkt-server"), "serve", "--model", str(owner.model_dir), "--owner-key", str(owner.owner_pub)]
-    args += ["--listen", "127.0.0.1:0", "--tokens", str(owner.tokens), "--json", "--grace", "0.5", *transport]
-    with (folder / "server.err").open("w") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
-        line = proc.stdout.readline() if ready else ""
-        announced = json.loads(line) if line else {}
-        assert announced.get("ok") is True, f"server did not start: {line!r} {(folder / 'server.err').read_text()}"
-        yield int(announced["port"])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def tls_port(owner: Owner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    tls = ("--tls-cert", str(owner.pki.server.cert_path), "--tls-key", str(owner.pki.server.key_path))
-    yield from _serve(owner, tmp_path_factory.mktemp("tls-server"), *tls)
+def tls_port(owner: OwnerFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    err = tmp_path_factory.mktemp("tls-server") / "server.err"
+    with serve_subprocess(owner, *owner.tls_flags, stderr_to=err) as served:
+        yield served.port
 
 
 @pytest.fixture
-def plaintext_port(owner: Owner, tmp_path: Path) -> Iterator[int]:
-    yield from _serve(owner, tmp_path / "plain-server", "--insecure")
+def plaintext_port(owner: OwnerFiles, tmp_path: Path) -> Iterator[int]:
+    with serve_subprocess(owner, "--insecure", stderr_to=tmp_path / "plain-server" / "server.err") as served:
+        yield served.port
 
 
-def _doctor_args(owner: Owner, port: int, *extra: str) -> list[str]:
+def _doctor_args(owner: OwnerFiles, port: int, *extra: str) -> list[str]:
     args = ["doctor", "--server", f"127.0.0.1:{port}", "--ca-cert", str(owner.pki.ca.cert_path)]
     return args + ["--token-file", str(owner.token_file), *extra]
 
@@ -136,6 +74,15 @@ def _doctor_json(args: list[str]) -> tuple[int, dict[str, Any]]:
 
 def _rows(report: dict[str, Any]) -> dict[str, dict[str, str]]:
     return {row["name"]: row for row in report["checks"]}
+
+
+def _doctor_on_site(
+    owner: OwnerFiles, port: int, make_site: Callable[[Path], None], site: Path
+) -> tuple[int, dict[str, Any], dict[str, dict[str, str]]]:
+    """Build ``site`` with ``make_site``, then doctor it with the owner key: (exit code, report, rows by name)."""
+    make_site(site)
+    code, report = _doctor_json(_doctor_args(owner, port, "--owner-key", str(owner.owner_pub), "--site", str(site)))
+    return code, report, _rows(report)
 
 
 # ------------------------------------------------------------------ site folders
@@ -215,14 +162,10 @@ def unreadable_image(site: Path) -> None:
     ids=["rgb", "depth-1ch"],
 )
 def test_compatible_site_passes(
-    owner: Owner, tls_port: int, tmp_path: Path, make_site: Callable[[Path], None], expected: str
+    owner: OwnerFiles, tls_port: int, tmp_path: Path, make_site: Callable[[Path], None], expected: str
 ) -> None:
     """A site whose images fit the verified input spec: the data row PASSes and doctor exits 0."""
-    make_site(tmp_path / "site")
-    code, report = _doctor_json(
-        _doctor_args(owner, tls_port, "--owner-key", str(owner.owner_pub), "--site", str(tmp_path / "site"))
-    )
-    rows = _rows(report)
+    code, report, rows = _doctor_on_site(owner, tls_port, make_site, tmp_path / "site")
     assert code == 0 and report["ok"] is True, report
     assert [r["name"] for r in report["checks"]] == [
         "reachable",
@@ -254,21 +197,17 @@ INCOMPATIBLE = [
     ("make_site", "detail", "fix"), INCOMPATIBLE, ids=[case[0].__name__.replace("_", "-") for case in INCOMPATIBLE]
 )
 def test_incompatible_site_fails_the_data_row_with_exit_3(
-    owner: Owner, tls_port: int, tmp_path: Path, make_site: Callable[[Path], None], detail: str, fix: str
+    owner: OwnerFiles, tls_port: int, tmp_path: Path, make_site: Callable[[Path], None], detail: str, fix: str
 ) -> None:
     """Each way a site can break the check: the data row FAILs with its fix, exit 3, other rows still PASS."""
-    make_site(tmp_path / "site")
-    code, report = _doctor_json(
-        _doctor_args(owner, tls_port, "--owner-key", str(owner.owner_pub), "--site", str(tmp_path / "site"))
-    )
-    rows = _rows(report)
+    code, report, rows = _doctor_on_site(owner, tls_port, make_site, tmp_path / "site")
     assert code == 3 and report["ok"] is False, report
     assert rows["compatible"]["status"] == "FAIL"
     assert detail in rows["compatible"]["detail"] and fix in rows["compatible"]["fix"], rows["compatible"]
     assert [rows[n]["status"] for n in NETWORK_ROWS] == ["PASS"] * len(NETWORK_ROWS)  # nothing hidden behind it
 
 
-def test_text_report_names_the_failed_row_and_its_fix(owner: Owner, tls_port: int, tmp_path: Path) -> None:
+def test_text_report_names_the_failed_row_and_its_fix(owner: OwnerFiles, tls_port: int, tmp_path: Path) -> None:
     """The real ``xkt-client doctor`` without --json: a table on stderr with the fix, and exit 3."""
     rgb_images_in_depth_site(tmp_path / "site")
     args = [str(BIN / "xkt-client"), *_doctor_args(owner, tls_port, "--owner-key", str(owner.owner_pub))]
@@ -285,7 +224,7 @@ def test_text_report_names_the_failed_row_and_its_fix(owner: Owner, tls_port: in
 # ------------------------------------------------------------------ only a verified manifest is judged
 
 
-def test_data_row_needs_a_verified_manifest(owner: Owner, tls_port: int, tmp_path: Path) -> None:
+def test_data_row_needs_a_verified_manifest(owner: OwnerFiles, tls_port: int, tmp_path: Path) -> None:
     """Without a trusted manifest the site is not judged: SKIP, and the exit code is the real cause's."""
     rgb_images_in_depth_site(tmp_path / "site")  # incompatible, but that must not be what is reported
     site = ("--site", str(tmp_path / "site"))
@@ -300,20 +239,13 @@ def test_data_row_needs_a_verified_manifest(owner: Owner, tls_port: int, tmp_pat
 # ------------------------------------------------------------------ the check is local
 
 
-class CapturingProxy:
+class CapturingProxy(LoopbackProxy):
     """A loopback TCP proxy that keeps every byte the client sends (the server runs in plaintext)."""
 
     def __init__(self, target_port: int) -> None:
-        self._target = target_port
         self._lock = threading.Lock()
         self._sent = bytearray()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
+        super().__init__(target_port)
 
     @property
     def sent(self) -> bytes:
@@ -324,42 +256,9 @@ class CapturingProxy:
         with self._lock:
             self._sent.clear()
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self._target), timeout=10)
-            for args in ((client, upstream, True), (upstream, client, False)):
-                thread = threading.Thread(target=self._pipe, args=args, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if outbound:
-                    with self._lock:
-                        self._sent += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def drain(self) -> None:
-        """Wait for every connection so far to close, so ``sent`` is complete."""
-        for thread in list(self._threads):
-            thread.join(timeout=5)
-            assert not thread.is_alive(), "a proxied connection did not close"
-
-    def close(self) -> None:
-        self._stop.set()
-        self._accepter.join(timeout=2)
-        self._listener.close()
+    def client_sent(self, data: bytes) -> None:
+        with self._lock:
+            self._sent += data
 
 
 class Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -374,7 +273,7 @@ class Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
 
 def test_doctor_sends_nothing_derived_from_site_data(
-    owner: Owner, plaintext_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    owner: OwnerFiles, plaintext_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With and without --site the wire carries the same two requests; no name, path or pixel of the site."""
     marker = "sitemarker7f3a"

@@ -11,16 +11,12 @@ import hashlib
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from xkt.client.channel import ChannelOptions, SourceModelClient, open_channel
@@ -29,17 +25,16 @@ from xkt.client.commands.fetch import fetch
 from xkt.client.egress import EgressGuard, single_site_manifest
 from xkt.client.fetch import fetch_artifact, fetch_batchnorm_stats
 from xkt.protos import source_model_pb2 as pb
-from xkt.server.auth import add_token
 from xkt.server.serving import RunningServer, ServeConfig, run_server
-from xkt.shared.artifact import InputSpec, save_artifact, verify_artifact
+from xkt.shared.artifact import verify_artifact
 from xkt.shared.cli_support import new_app
 from xkt.shared.errors import AuthError, TransportError, XktError
 from xkt.shared.grpc_options import MIN_CHUNK_BYTES
-from xkt.shared.models import ArchSpec, build_model
-from xkt.shared.signing import generate_keypair, load_private_key, load_public_key
+from xkt.shared.models import ArchSpec
+from xkt.shared.signing import load_public_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tls_fixtures import Pki, make_pki  # noqa: E402
+from owner_fixtures import LoopbackProxy, OwnerFiles, ServedProcess, make_owner, serve_subprocess  # noqa: E402
 
 ARCH = ArchSpec("resnet_tiny", num_classes=6, kwargs={"width": 48})  # ~12 MB: more than loopback buffers hold
 pytestmark = pytest.mark.timeout(120)
@@ -48,73 +43,29 @@ app.command("fetch")(fetch)
 app.command("doctor")(doctor)
 
 
-@dataclass(frozen=True)
-class Owner:
-    root: Path
-    model_dir: Path
-    owner_pub: Path
-    other_pub: Path
-    pki: Pki
-    tokens: Path
-    token_file: Path
-    sha256: str
-    size: int
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory: pytest.TempPathFactory) -> OwnerFiles:
+    return make_owner(tmp_path_factory.mktemp("fetch"), arch=ARCH, class_names=list("abcdef"))
 
-    def config(self, **changes: object) -> ServeConfig:
-        base = ServeConfig(
-            model_dir=self.model_dir,
-            owner_key=self.owner_pub,
-            tls_cert=self.pki.server.cert_path,
-            tls_key=self.pki.server.key_path,
-            tokens=self.tokens,
-            chunk_size=MIN_CHUNK_BYTES,
-            grace_s=0.5,
-        )
-        return replace(base, **changes)  # type: ignore[arg-type]
+
+def config(owner: OwnerFiles, **changes: object) -> ServeConfig:
+    """The owner's in-process server config with the smallest chunks: many messages per stream."""
+    return owner.serve_config(**{"chunk_size": MIN_CHUNK_BYTES, **changes})
 
 
 @pytest.fixture(scope="module")
-def owner(tmp_path_factory: pytest.TempPathFactory) -> Owner:
-    root = tmp_path_factory.mktemp("fetch")
-    key, pub = generate_keypair(root / "keys")
-    _other_key, other_pub = generate_keypair(root / "other")
-    torch.manual_seed(0)
-    save_artifact(
-        build_model(ARCH).eval(),
-        out_dir=root / "model",
-        private_key=load_private_key(key),
-        model_id="toy",
-        model_version="1",
-        arch=ARCH,
-        class_names=list("abcdef"),
-        input_spec=InputSpec("rgb", 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-        provenance={"trainer": "test"},
-    )
-    pki = make_pki(root / "pki")
-    for path in (root / "pki").glob("*.key"):
-        path.chmod(0o600)  # the client refuses private keys others can read
-    token = add_token(root / "tokens.txt", "site-a")
-    token_file = root / "token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
-    weights = (root / "model" / "weights.safetensors").read_bytes()
-    sha = hashlib.sha256(weights).hexdigest()
-    return Owner(root, root / "model", pub, other_pub, pki, root / "tokens.txt", token_file, sha, len(weights))
-
-
-@pytest.fixture(scope="module")
-def tls_server(owner: Owner) -> Iterator[RunningServer]:
-    with run_server(owner.config(audit_log=owner.root / "audit.jsonl")) as running:
+def tls_server(owner: OwnerFiles) -> Iterator[RunningServer]:
+    with run_server(config(owner, audit_log=owner.root / "audit.jsonl")) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def mtls_server(owner: Owner) -> Iterator[RunningServer]:
-    with run_server(owner.config(client_ca=owner.pki.ca.cert_path, tokens=None)) as running:
+def mtls_server(owner: OwnerFiles) -> Iterator[RunningServer]:
+    with run_server(config(owner, client_ca=owner.pki.ca.cert_path, tokens=None)) as running:
         yield running
 
 
-def token_opts(owner: Owner, port: int, **changes: object) -> ChannelOptions:
+def token_opts(owner: OwnerFiles, port: int, **changes: object) -> ChannelOptions:
     base = ChannelOptions(
         f"127.0.0.1:{port}", ca_cert=owner.pki.ca.cert_path, token=owner.token_file.read_text().strip()
     )
@@ -122,7 +73,7 @@ def token_opts(owner: Owner, port: int, **changes: object) -> ChannelOptions:
 
 
 def run_fetch(
-    opts: ChannelOptions, owner: Owner, cache: Path, recorded: list[tuple[str, bytes]] | None = None, **kw: object
+    opts: ChannelOptions, owner: OwnerFiles, cache: Path, recorded: list[tuple[str, bytes]] | None = None, **kw: object
 ):  # type: ignore[no-untyped-def]
     egress = single_site_manifest(sha256=None, offset=None, token=opts.token is not None)
     guard = EgressGuard(egress, (lambda m, b: recorded.append((m, b))) if recorded is not None else None)
@@ -138,7 +89,7 @@ def cli(*args: str) -> tuple[int, str, str]:
 # ------------------------------------------------------------------ transports
 
 
-def test_fetch_over_tls_with_token_then_cache_hit(owner: Owner, tls_server: RunningServer, tmp_path: Path) -> None:
+def test_fetch_over_tls_with_token_then_cache_hit(owner: OwnerFiles, tls_server: RunningServer, tmp_path: Path) -> None:
     recorded: list[tuple[str, bytes]] = []
     first = run_fetch(token_opts(owner, tls_server.port), owner, tmp_path, recorded)
     assert first.path == tmp_path / owner.sha256 and not first.cached and first.downloaded == owner.size
@@ -151,7 +102,7 @@ def test_fetch_over_tls_with_token_then_cache_hit(owner: Owner, tls_server: Runn
     assert [m for m, _ in recorded] == ["/xkt.v1.SourceModel/GetManifest"]  # no FetchWeights call
 
 
-def test_fetch_over_mtls_and_batchnorm_stats(owner: Owner, mtls_server: RunningServer, tmp_path: Path) -> None:
+def test_fetch_over_mtls_and_batchnorm_stats(owner: OwnerFiles, mtls_server: RunningServer, tmp_path: Path) -> None:
     site = owner.pki.site
     opts = ChannelOptions(
         f"127.0.0.1:{mtls_server.port}",
@@ -167,7 +118,7 @@ def test_fetch_over_mtls_and_batchnorm_stats(owner: Owner, mtls_server: RunningS
     assert stats and stats[0].running_mean.numel() > 0
 
 
-def test_cli_fetch_with_token_file_json(owner: Owner, tls_server: RunningServer, tmp_path: Path) -> None:
+def test_cli_fetch_with_token_file_json(owner: OwnerFiles, tls_server: RunningServer, tmp_path: Path) -> None:
     args = ["fetch", "--server", f"127.0.0.1:{tls_server.port}", "--owner-key", str(owner.owner_pub)]
     args += ["--out", str(tmp_path), "--ca-cert", str(owner.pki.ca.cert_path), "--token-file", str(owner.token_file)]
     code, out, err = cli(*args, "--json")
@@ -183,7 +134,7 @@ def test_cli_fetch_with_token_file_json(owner: Owner, tls_server: RunningServer,
     assert code == 0 and json.loads(out)["cached"] is True
 
 
-def test_wrong_token_exits_6(owner: Owner, tls_server: RunningServer, tmp_path: Path) -> None:
+def test_wrong_token_exits_6(owner: OwnerFiles, tls_server: RunningServer, tmp_path: Path) -> None:
     bad = tmp_path / "bad-token"
     bad.write_text("x" * 43)
     bad.chmod(0o600)
@@ -199,7 +150,7 @@ def test_wrong_token_exits_6(owner: Owner, tls_server: RunningServer, tmp_path: 
     ["other-ca-client-cert", "untrusted-server-ca", "hostname-mismatch", "plaintext-vs-tls", "wrong-owner-key"],
 )
 def test_refusals(
-    owner: Owner, tls_server: RunningServer, mtls_server: RunningServer, tmp_path: Path, case: str
+    owner: OwnerFiles, tls_server: RunningServer, mtls_server: RunningServer, tmp_path: Path, case: str
 ) -> None:
     tls = token_opts(owner, tls_server.port)
     options = {
@@ -235,47 +186,30 @@ def test_refusals(
 # ------------------------------------------------------------------ resume after SIGKILL
 
 
-def _start_server(owner: Owner, audit: Path) -> tuple[subprocess.Popen[str], int]:
-    exe = Path(sys.executable).parent / "xkt-server"
-    args = [str(exe), "serve", "--model", str(owner.model_dir), "--owner-key", str(owner.owner_pub), "--json"]
-    args += ["--listen", "127.0.0.1:0", "--tls-cert", str(owner.pki.server.cert_path), "--tls-key"]
-    args += [str(owner.pki.server.key_path), "--tokens", str(owner.tokens), "--chunk-size", str(MIN_CHUNK_BYTES)]
-    args += ["--audit-log", str(audit), "--grace", "0.5"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    return proc, int(json.loads(proc.stdout.readline())["port"])
+def _serve(owner: OwnerFiles, audit: Path, stderr_to: Path) -> contextlib.AbstractContextManager[ServedProcess]:
+    """A real ``xkt-server serve`` (TLS, tokens, smallest chunks, ``audit``); the test may SIGKILL it."""
+    flags = (*owner.tls_flags, "--chunk-size", str(MIN_CHUNK_BYTES), "--audit-log", str(audit))
+    return serve_subprocess(owner, *flags, stderr_to=stderr_to, expect_exit=None)
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=20)
-
-
-def test_sigkill_mid_stream_then_resume(owner: Owner, tmp_path: Path) -> None:
+def test_sigkill_mid_stream_then_resume(owner: OwnerFiles, tmp_path: Path) -> None:
     audit = tmp_path / "audit.jsonl"
-    proc, port = _start_server(owner, audit)
-    killed_at: list[int] = []
+    with _serve(owner, audit, tmp_path / "server-1.err") as served:
+        killed_at: list[int] = []
 
-    def kill_midway(done: int, total: int) -> None:
-        if not killed_at and done >= 4 * MIN_CHUNK_BYTES:
-            killed_at.append(done)
-            os.kill(proc.pid, signal.SIGKILL)
+        def kill_midway(done: int, total: int) -> None:
+            if not killed_at and done >= 4 * MIN_CHUNK_BYTES:
+                killed_at.append(done)
+                os.kill(served.proc.pid, signal.SIGKILL)
 
-    try:
         with pytest.raises(TransportError) as error:
-            run_fetch(token_opts(owner, port), owner, tmp_path / "cache", progress=kill_midway)
+            run_fetch(token_opts(owner, served.port), owner, tmp_path / "cache", progress=kill_midway)
         assert error.value.reason == "stream-interrupted" and "resumes" in error.value.hint  # not a TLS hint
-    finally:
-        _stop(proc)
     part = tmp_path / "cache" / f"{owner.sha256}.part" / "weights.safetensors.part"
     held = part.stat().st_size
     assert killed_at and 0 < held < owner.size
-    proc, port = _start_server(owner, audit)
-    try:
-        result = run_fetch(token_opts(owner, port), owner, tmp_path / "cache")
-    finally:
-        _stop(proc)
+    with _serve(owner, audit, tmp_path / "server-2.err") as served:
+        result = run_fetch(token_opts(owner, served.port), owner, tmp_path / "cache")
     assert result.resumed_from == held and result.downloaded == owner.size - held < owner.size
     data = (result.path / "weights.safetensors").read_bytes()
     assert hashlib.sha256(data).hexdigest() == owner.sha256
@@ -287,50 +221,19 @@ def test_sigkill_mid_stream_then_resume(owner: Owner, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ egress
 
 
-class CountingProxy:
+class CountingProxy(LoopbackProxy):
     """A loopback TCP proxy that counts the bytes the client sends (plaintext mode)."""
 
     def __init__(self, target_port: int) -> None:
         self.sent = 0
-        self._target = target_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        super().__init__(target_port)
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self._target), timeout=10)
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if outbound:
-                    self.sent += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self._listener.close()
+    def client_sent(self, data: bytes) -> None:
+        self.sent += len(data)
 
 
-def test_egress_only_declared_requests(owner: Owner, tmp_path: Path) -> None:
-    with run_server(owner.config(insecure=True, tls_cert=None, tls_key=None)) as running:
+def test_egress_only_declared_requests(owner: OwnerFiles, tmp_path: Path) -> None:
+    with run_server(config(owner, insecure=True, tls_cert=None, tls_key=None)) as running:
         proxy = CountingProxy(running.port)
         try:
             recorded: list[tuple[str, bytes]] = []
@@ -347,7 +250,7 @@ def test_egress_only_declared_requests(owner: Owner, tmp_path: Path) -> None:
     assert proxy.sent < owner.size // 100
 
 
-def test_guard_refuses_undeclared_request(owner: Owner, tls_server: RunningServer) -> None:
+def test_guard_refuses_undeclared_request(owner: OwnerFiles, tls_server: RunningServer) -> None:
     opts = token_opts(owner, tls_server.port)
     guard = EgressGuard(single_site_manifest(sha256=None, offset=None, token=True))
     with open_channel(opts, [guard]) as channel, pytest.raises(XktError) as info:
@@ -358,7 +261,7 @@ def test_guard_refuses_undeclared_request(owner: Owner, tls_server: RunningServe
 # ------------------------------------------------------------------ doctor
 
 
-def test_doctor_pass_and_wrong_owner_key(owner: Owner, tls_server: RunningServer) -> None:
+def test_doctor_pass_and_wrong_owner_key(owner: OwnerFiles, tls_server: RunningServer) -> None:
     base = ["doctor", "--server", f"127.0.0.1:{tls_server.port}", "--ca-cert", str(owner.pki.ca.cert_path)]
     base += ["--token-file", str(owner.token_file), "--json"]
     code, out, err = cli(*base, "--owner-key", str(owner.owner_pub))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -24,124 +23,60 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from xkt.client.channel import ChannelOptions, SourceModelClient, open_channel
 from xkt.client.fetch import PART_SUFFIX, fetch_artifact
 from xkt.protos import source_model_pb2 as pb
 from xkt.protos import source_model_pb2_grpc as pb_grpc
 from xkt.server.audit_log import verify_log
-from xkt.server.auth import add_token
-from xkt.shared.artifact import InputSpec, save_artifact
 from xkt.shared.errors import TransportError
 from xkt.shared.grpc_options import MIN_CHUNK_BYTES, client_options
-from xkt.shared.models import ArchSpec, build_model
-from xkt.shared.signing import generate_keypair, load_private_key, load_public_key
+from xkt.shared.models import ArchSpec
+from xkt.shared.signing import load_public_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tls_fixtures import Pki, make_pki  # noqa: E402
+from owner_fixtures import BIN, OwnerFiles, make_owner, serve_subprocess  # noqa: E402
 
 ARCH = ArchSpec("resnet_tiny", num_classes=6, kwargs={"width": 48})  # ~11 MB: more than flow control buffers
-BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 30.0
 GRACE_LONG_S = 8.0  # far more than a loopback client needs for the rest
 GRACE_SHORT_S = 0.5  # far less than the test client stalls
 pytestmark = pytest.mark.timeout(90)
 
 
 @dataclass(frozen=True)
-class Owner:
-    root: Path
-    model_dir: Path
-    owner_pub: Path
-    pki: Pki
-    tokens: Path
-    token: str
-    sha256: str  # the weights digest from the signed manifest
-    size: int
-
-
-@dataclass(frozen=True)
 class Served:
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes]
     port: int
     audit: Path
 
 
 @pytest.fixture(scope="module")
-def owner(tmp_path_factory: pytest.TempPathFactory) -> Owner:
-    root = tmp_path_factory.mktemp("shutdown")
-    key, pub = generate_keypair(root / "keys")
-    torch.manual_seed(0)
-    save_artifact(
-        build_model(ARCH).eval(),
-        out_dir=root / "model",
-        private_key=load_private_key(key),
-        model_id="toy",
-        model_version="1",
-        arch=ARCH,
-        class_names=list("abcdef"),
-        input_spec=InputSpec("rgb", 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-        provenance={"trainer": "test"},
-    )
-    pki = make_pki(root / "pki")
-    token = add_token(root / "tokens.txt", "site-a")
-    weights = json.loads((root / "model" / "manifest.json").read_text())["weights"]
-    return Owner(root, root / "model", pub, pki, root / "tokens.txt", token, weights["sha256"], weights["size"])
-
-
-def _start(owner: Owner, folder: Path, grace: float) -> Served:
-    """``xkt-server serve`` on 127.0.0.1 port 0; returns once it announced its port."""
-    folder.mkdir(parents=True, exist_ok=True)
-    audit = folder / "audit.jsonl"
-    args = [str(BIN / "xkt-server"), "serve", "--model", str(owner.model_dir), "--owner-key", str(owner.owner_pub)]
-    args += ["--listen", "127.0.0.1:0", "--tls-cert", str(owner.pki.server.cert_path)]
-    args += ["--tls-key", str(owner.pki.server.key_path), "--tokens", str(owner.tokens), "--json"]
-    args += ["--chunk-size", str(MIN_CHUNK_BYTES), "--audit-log", str(audit), "--grace", str(grace)]
-    with (folder / "server.err").open("w") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
-    if not ready:
-        _kill(proc)
-        pytest.fail(f"server did not announce its port within {START_TIMEOUT_S} s")
-    line = proc.stdout.readline()
-    announced = json.loads(line) if line else {}
-    if announced.get("ok") is not True:
-        _kill(proc)
-        pytest.fail(f"server did not start: {line!r} {(folder / 'server.err').read_text()[-2000:]}")
-    assert announced["model_sha256"] == owner.sha256
-    return Served(proc, int(announced["port"]), audit)
-
-
-def _kill(proc: subprocess.Popen[str]) -> None:
-    """Last resort for a test that failed half-way: SIGKILL our own server by its PID."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+def owner(tmp_path_factory: pytest.TempPathFactory) -> OwnerFiles:
+    return make_owner(tmp_path_factory.mktemp("shutdown"), arch=ARCH, class_names=list("abcdef"))
 
 
 @pytest.fixture
-def served(owner: Owner, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
-    """A server whose ``--grace`` is the test's (indirect) parameter."""
+def served(owner: OwnerFiles, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
+    """A real ``xkt-server serve`` whose ``--grace`` is the test's (indirect) parameter; the test stops it."""
     grace = float(request.param)
-    running = _start(owner, tmp_path / "server", grace)
-    try:
-        yield running
-    finally:
-        _kill(running.proc)
+    folder = tmp_path / "server"
+    audit = folder / "audit.jsonl"
+    flags = (*owner.tls_flags, "--chunk-size", str(MIN_CHUNK_BYTES), "--audit-log", str(audit))
+    with serve_subprocess(owner, *flags, grace_s=grace, stderr_to=folder / "server.err", expect_exit=None) as running:
+        assert running.announced["model_sha256"] == owner.sha256
+        yield Served(running.proc, running.port, audit)
 
 
-def _channel(owner: Owner, port: int) -> grpc.Channel:
+def _channel(owner: OwnerFiles, port: int) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(root_certificates=owner.pki.ca.cert)
     return grpc.secure_channel(f"127.0.0.1:{port}", creds, options=client_options())
 
 
-def _bearer(owner: Owner) -> tuple[tuple[str, str], ...]:
+def _bearer(owner: OwnerFiles) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {owner.token}"),)
 
 
-def _new_call_code(owner: Owner, port: int, channel: grpc.Channel | None = None) -> grpc.StatusCode:
+def _new_call_code(owner: OwnerFiles, port: int, channel: grpc.Channel | None = None) -> grpc.StatusCode:
     """The status of a fresh GetManifest (on a new connection unless ``channel`` is given)."""
     own = channel is None
     channel = channel or _channel(owner, port)
@@ -155,7 +90,7 @@ def _new_call_code(owner: Owner, port: int, channel: grpc.Channel | None = None)
             channel.close()
 
 
-def _wait_refused(owner: Owner, port: int, within_s: float) -> float:
+def _wait_refused(owner: OwnerFiles, port: int, within_s: float) -> float:
     """Seconds until a new call is refused; fails the test if it is still accepted after ``within_s``."""
     start = time.monotonic()
     while time.monotonic() - start < within_s:
@@ -184,7 +119,7 @@ def _cli_audit_verify(audit: Path) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("served", [GRACE_LONG_S], indirect=True)
-def test_sigterm_drains_the_in_flight_stream_then_exits_0(owner: Owner, served: Served) -> None:
+def test_sigterm_drains_the_in_flight_stream_then_exits_0(owner: OwnerFiles, served: Served) -> None:
     """SIGTERM refuses new calls at once but lets a slow reader finish: every byte, the signed digest, exit 0."""
     grace = GRACE_LONG_S
     with _channel(owner, served.port) as channel:
@@ -223,7 +158,7 @@ def test_sigterm_drains_the_in_flight_stream_then_exits_0(owner: Owner, served: 
 
 @pytest.mark.parametrize("served", [GRACE_SHORT_S], indirect=True)
 def test_stream_stalled_past_grace_is_cancelled_and_never_published(
-    owner: Owner, served: Served, tmp_path: Path
+    owner: OwnerFiles, served: Served, tmp_path: Path
 ) -> None:
     """A reader slower than the grace period gets a clean UNAVAILABLE, keeps a resumable .part, publishes nothing."""
     grace = GRACE_SHORT_S

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ from xkt.benchmarks.method_speed import (
 )
 from xkt.client.methods import METHODS
 from xkt.client.methods.tgmb_tgkt import TgmbTgktConfig
-from xkt.shared.artifact import InputSpec, save_artifact
 from xkt.shared.errors import ConfigError
-from xkt.shared.models import build_model, resolve_arch
+from xkt.shared.models import resolve_arch
 from xkt.shared.render import TASK_CLASSES
 from xkt.shared.shapes_benchmark import ShapesConfig, write_shapes_benchmark
-from xkt.shared.signing import generate_keypair, load_private_key
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from owner_fixtures import save_signed_toy  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,21 +74,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Built-in data at 16 px and a signed, untrained resnet_tiny (width 4): (data, model)."""
     root = tmp_path_factory.mktemp("speed")
     write_shapes_benchmark(root / "data", ShapesConfig(size=16, per_class=4, site_per_class=8))
-    key, _ = generate_keypair(root / "keys")
     spec = resolve_arch("resnet_tiny", {"width": 4}, len(TASK_CLASSES), bottleneck_dim=32)
-    torch.manual_seed(0)
-    save_artifact(
-        build_model(spec).eval(),
-        out_dir=root / "model",
-        private_key=load_private_key(key),
-        model_id="method-speed-test",
-        model_version="1",
+    toy = save_signed_toy(
+        root,
         arch=spec,
-        class_names=list(TASK_CLASSES),
-        input_spec=InputSpec("rgb", 3, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+        class_names=TASK_CLASSES,
+        size=16,
+        model_id="method-speed-test",
         provenance={"trainer": "tests/unit/test_method_speed.py"},
     )
-    return root / "data", root / "model"
+    return root / "data", toy.model_dir
 
 
 @pytest.fixture(scope="module")
