@@ -61,7 +61,7 @@ PROFILES = {
         name="quick",
         per_class=1000,
         site_per_class=200,
-        train_args=("--arch", "resnet_tiny", "--set", 'model.kwargs={width=32, stem="imagenet"}', "--epochs", "24"),
+        train_args=("--arch", "resnet_tiny", "--set", 'model.kwargs={width=32, stem="imagenet"}', "--epochs", "16"),
         adapt_epochs=5,
     ),
     "full": Profile(
