@@ -318,6 +318,7 @@ def _run_one(setup: _Setup, method: str, seed: int, progress: ProgressFn | None)
         return {"eval_accuracy": value}
 
     started, before = datetime.now(UTC), observe(loaded.model)
+    observing[0] = 0.0  # the source's accuracy is measured before the clock starts, not during training
     resumed = (_checkpoint_dir(setup, method, seed) / "latest.json").is_file()  # `seconds`: this process's part
     tick = time.perf_counter()
     result, images = _train(setup, loaded, method, seed, report, observe)
