@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from xkt.client.trainer import AdaptConfig, AdaptOptimConfig, adapt
+from xkt.client.monitoring import Monitor, MonitorConfig
+from xkt.client.trainer import AdaptConfig, AdaptOptimConfig, adapt, batches
 from xkt.shared.data import ImageDataset, Modality, Pair, PairedDataset, Preprocess, normalise
 from xkt.shared.errors import ConfigError
 from xkt.shared.evaluation import accuracy
@@ -135,11 +137,34 @@ def test_adaptation_beats_source_only_on_a_modality_shift(toy: _Toy, tmp_path: P
 
 
 def test_guard_fires_when_adaptation_is_deliberately_broken(toy: _Toy, tmp_path: Path) -> None:
-    """A learning rate 10,000× too high wrecks the features: the kept model collapses and the guard says so."""
-    cfg = AdaptConfig(epochs=2, batch_size=16, threads=1, optim=AdaptOptimConfig(lr=100.0))
+    """A learning rate 10,000× too high wrecks the features: the last epoch collapses and the guard says so.
+
+    (With the default select=im the run keeps its first epoch instead, which is not collapsed.)
+    """
+    broken_optim, last = AdaptOptimConfig(lr=100.0), MonitorConfig(select="last")
+    cfg = AdaptConfig(epochs=2, batch_size=16, threads=1, optim=broken_optim, monitor=last)
     broken = adapt(toy.source, toy.target, "shot-im", cfg, checkpoint_dir=tmp_path / "broken")
     assert broken.metrics["guard"], broken.metrics["final"]
     healthy = adapt(
         toy.source, toy.target, "shot", AdaptConfig(epochs=2, batch_size=16, threads=1), checkpoint_dir=tmp_path / "ok"
     )
     assert healthy.metrics["guard"] == []
+
+
+def test_the_kept_model_is_the_epoch_the_selection_rule_picks(toy: _Toy, tmp_path: Path) -> None:
+    """select=im keeps the epoch of lowest IM (its signals are re-measured on the returned model)."""
+    cfg = AdaptConfig(epochs=4, batch_size=16, threads=1)
+    result = adapt(toy.source, toy.target, "shot", cfg, checkpoint_dir=tmp_path / "im")
+    ims = {entry["epoch"]: entry["signals"]["im"] for entry in result.metrics["history"]}
+    assert result.metrics["selected_epoch"] == min(ims, key=lambda epoch: (ims[epoch], -epoch))
+    monitor = Monitor(toy.source, lambda: batches(toy.target, torch.arange(len(toy.target)), 16), 48, MonitorConfig())
+    again = monitor.signals(result.model, monitor.outputs(result.model), None)
+    assert again["im"] == pytest.approx(ims[result.metrics["selected_epoch"]], abs=1e-5)
+    last = adapt(
+        toy.source,
+        toy.target,
+        "shot",
+        replace(cfg, monitor=MonitorConfig(select="last")),
+        checkpoint_dir=tmp_path / "last",
+    )
+    assert last.metrics["selected_epoch"] == 4
