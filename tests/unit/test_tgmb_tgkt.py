@@ -155,18 +155,24 @@ def straight(toy: _Toy, tmp_path_factory: pytest.TempPathFactory) -> AdaptResult
 def test_interrupted_then_resumed_equals_uninterrupted(
     toy: _Toy, straight: AdaptResult, tmp_path: Path, stop_at: str
 ) -> None:
+    _assert_resume_is_exact(toy, _RESUME_CFG, straight, stop_at, tmp_path)
+
+
+def _assert_resume_is_exact(toy: _Toy, cfg: AdaptConfig, reference: AdaptResult, stop_at: str, folder: Path) -> None:
+    """Interrupt at step 2 of the epoch labelled ``stop_at``, resume, and compare with ``reference``."""
+
     def stop(label: str, done: int, total: int, status: str) -> None:
         if label.endswith(stop_at) and done == 2:
             raise _Interrupt
 
-    run: dict[str, Any] = {"pairs": toy.pairs, "checkpoint_dir": tmp_path}
+    run: dict[str, Any] = {"pairs": toy.pairs, "checkpoint_dir": folder}
     with pytest.raises(_Interrupt):
-        adapt(toy.source, toy.target, "tgmb-tgkt", _RESUME_CFG, progress=stop, **run)
-    resumed = adapt(toy.source, toy.target, "tgmb-tgkt", _RESUME_CFG, resume=True, **run)
+        adapt(toy.source, toy.target, "tgmb-tgkt", cfg, progress=stop, **run)
+    resumed = adapt(toy.source, toy.target, "tgmb-tgkt", cfg, resume=True, **run)
 
-    assert _same(_clone(straight.model), _clone(resumed.model))
+    assert _same(_clone(reference.model), _clone(resumed.model))
     for name in ("setup", "source", "history", "selected_epoch", "final", "guard"):
-        assert straight.metrics[name] == resumed.metrics[name], name
+        assert reference.metrics[name] == resumed.metrics[name], name
 
 
 def test_tgmb_tgkt_beats_source_only_on_the_modality_shift(toy: _Toy, tmp_path: Path) -> None:
@@ -231,15 +237,4 @@ def test_without_translation_tgkt_distils_the_source_on_the_images_as_they_are(
 def test_without_translation_interrupted_then_resumed_equals_uninterrupted(
     toy: _Toy, untranslated: AdaptResult, tmp_path: Path, stop_at: str
 ) -> None:
-    def stop(label: str, done: int, total: int, status: str) -> None:
-        if label.endswith(stop_at) and done == 2:
-            raise _Interrupt
-
-    run: dict[str, Any] = {"pairs": toy.pairs, "checkpoint_dir": tmp_path}
-    with pytest.raises(_Interrupt):
-        adapt(toy.source, toy.target, "tgmb-tgkt", _NO_TRANSLATION, progress=stop, **run)
-    resumed = adapt(toy.source, toy.target, "tgmb-tgkt", _NO_TRANSLATION, resume=True, **run)
-
-    assert _same(_clone(untranslated.model), _clone(resumed.model))
-    for name in ("setup", "source", "history", "selected_epoch", "final", "guard"):
-        assert untranslated.metrics[name] == resumed.metrics[name], name
+    _assert_resume_is_exact(toy, _NO_TRANSLATION, untranslated, stop_at, tmp_path)
