@@ -63,7 +63,7 @@ from typing import Any
 import torch
 
 import xkt.client.trainer as trainer
-from xkt.benchmarks.run import _preprocess, _site
+from xkt.benchmarks.run import site_folder
 from xkt.client.methods import METHODS, get_method
 from xkt.client.trainer import AdaptConfig, adapt, method_config, resolve_config
 from xkt.shared.artifact import load_artifact
@@ -246,8 +246,8 @@ def measure(args: argparse.Namespace, methods: Sequence[str], cfg: AdaptConfig) 
     if not owner_key.is_file():
         raise ConfigError(f"no owner key: {owner_key} does not exist", hint="pass --owner-key PUB")
     loaded = load_artifact(args.model, [load_public_key(owner_key)])
-    site = _site(args.data, args.task)
-    modality, preprocess = read_modality(site), _preprocess(loaded.manifest.input_spec)
+    site = site_folder(args.data, args.task)
+    modality, preprocess = read_modality(site), loaded.manifest.input_spec.preprocess()
     target = ImageDataset(list_images(site / "target"), modality, preprocess)
     pairs = paired_dataset(site, modality, preprocess)
     for method in methods:

@@ -46,7 +46,6 @@ from xkt.shared.artifact import InputSpec, LoadedArtifact, load_artifact, save_a
 from xkt.shared.config import load_config, to_dict
 from xkt.shared.data import (
     ImageDataset,
-    Preprocess,
     fingerprint,
     labelled_dataset,
     list_images,
@@ -153,11 +152,6 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(temporary, path)
 
 
-def _preprocess(spec: InputSpec) -> Preprocess:
-    mean, std = tuple(spec.mean), tuple(spec.std)
-    return Preprocess(spec.size, (mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
-
-
 # ------------------------------------------------------------------ preparing
 
 
@@ -226,7 +220,8 @@ def _train_source_model(
     shutil.rmtree(checkpoints, ignore_errors=True)
 
 
-def _site(data: Path, task: str) -> Path:
+def site_folder(data: Path, task: str) -> Path:
+    """``DATA/TASK`` when it is a site with target images and eval labels; otherwise the choices."""
     site = data / task
     if not (site / "target").is_dir() or not (site / "eval" / "labels.csv").is_file():
         found = sorted(p.parent.name for p in data.glob("*/target") if p.is_dir())
@@ -272,7 +267,7 @@ def _train(
 ) -> tuple[AdaptResult | OracleResult, int]:
     """Adapt ``loaded``'s model (or fine-tune the oracle) once; returns the result and how many images it used."""
     names = list(loaded.manifest.class_names)
-    preprocess = _preprocess(loaded.manifest.input_spec)
+    preprocess = loaded.manifest.input_spec.preprocess()
     modality = read_modality(setup.site)
     if method == ORACLE:
         labelled = truth_dataset(setup.data, setup.site.name, modality, preprocess, names)
@@ -302,7 +297,7 @@ def _run_one(setup: _Setup, method: str, seed: int, progress: ProgressFn | None)
     """Verify the source, train once, measure; returns the run record."""
     loaded = load_artifact(setup.model, [load_public_key(setup.owner_key)])  # verified for every run, as a site does
     names = list(loaded.manifest.class_names)
-    modality, preprocess = read_modality(setup.site), _preprocess(loaded.manifest.input_spec)
+    modality, preprocess = read_modality(setup.site), loaded.manifest.input_spec.preprocess()
     eval_set = labelled_dataset(setup.site / "eval" / "labels.csv", modality, preprocess, names)
     label = f"{method} seed {seed}"
     observing = [0.0]  # seconds spent measuring per-epoch accuracy, left out of the wall time
@@ -357,7 +352,7 @@ def run_benchmark(plan: BenchmarkPlan, *, progress: ProgressFn | None = None) ->
     adapt_cfg, oracle_cfg = resolve_configs(plan)  # bad --set values fail before any work
     plan.out.mkdir(parents=True, exist_ok=True)
     data = _prepare_data(plan, progress)
-    site = _site(data, plan.task)
+    site = site_folder(data, plan.task)
     model, owner_key = _prepare_model(plan, data, progress)
     source = load_artifact(model, [load_public_key(owner_key)])
     setup = _Setup(plan.out, data, site, model, owner_key, adapt_cfg, oracle_cfg)

@@ -20,7 +20,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from xkt.shared.errors import ConfigError, VerificationError
+from xkt.shared.data import Preprocess
+from xkt.shared.errors import ConfigError, DataError, VerificationError
 from xkt.shared.models import ArchSpec
 from xkt.shared.signing import canonical_json, fingerprint, is_fingerprint, strict_json_loads
 
@@ -90,6 +91,18 @@ class InputSpec:
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    def preprocess(self) -> Preprocess:
+        """How site images are prepared for this model; xkt adapts 3-channel models only."""
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise DataError(
+                f"the model expects {self.channels}-channel input; xkt adapts 3-channel models",
+                hint="ask the owner for a model with a 3-channel input",
+                reason="unsupported-input",
+            )
+        return Preprocess(
+            self.size, (self.mean[0], self.mean[1], self.mean[2]), (self.std[0], self.std[1], self.std[2])
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

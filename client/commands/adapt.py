@@ -76,7 +76,6 @@ from xkt.shared.data import (
     ImageDataset,
     Modality,
     PairedDataset,
-    Preprocess,
     fingerprint,
     labelled_dataset,
     list_images,
@@ -196,7 +195,7 @@ def adapt(
             with open_channel(opts, [EgressGuard(egress)]) as channel:
                 source = _fetch_source(SourceModelClient(channel, opts), owner_key, _cache_dir(cache, out), bar)
             target = _target_dataset(site, modality, source.loaded)
-            pairs = paired_dataset(site, modality, _preprocess(source.loaded.manifest.input_spec))
+            pairs = paired_dataset(site, modality, source.loaded.manifest.input_spec.preprocess())
             adapted = _adapt(source, (target, pairs), method, cfg, out, resume, bar)
         _guard(adapted[0], strict, out)
         report = _report(site, modality, source, target, adapted, egress, started)
@@ -294,20 +293,9 @@ def _fetch_source(client: SourceModelClient, owner_key: Path, cache: Path, bar: 
     return Source(fetched, loaded, time.perf_counter() - started)
 
 
-def _preprocess(spec: InputSpec) -> Preprocess:
-    mean, std = tuple(spec.mean), tuple(spec.std)
-    if len(mean) != 3 or len(std) != 3:
-        raise DataError(
-            f"the model expects {spec.channels}-channel input; xkt adapts 3-channel models",
-            hint="ask the owner for a model with a 3-channel input",
-            reason="unsupported-input",
-        )
-    return Preprocess(spec.size, (mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
-
-
 def _target_dataset(site: Path, modality: Modality, source: LoadedArtifact) -> ImageDataset:
     """``SITE/target`` in the site's modality, prepared as the source model expects."""
-    return ImageDataset(list_images(site / "target"), modality, _preprocess(source.manifest.input_spec))
+    return ImageDataset(list_images(site / "target"), modality, source.manifest.input_spec.preprocess())
 
 
 def _adapt(
@@ -360,7 +348,7 @@ def _accuracy(site: Path, modality: Modality, source: LoadedArtifact, result: Ad
     if not labels.is_file():
         return {"before": None, "after": None}
     names = source.manifest.class_names
-    dataset = labelled_dataset(labels, modality, _preprocess(source.manifest.input_spec), names)
+    dataset = labelled_dataset(labels, modality, source.manifest.input_spec.preprocess(), names)
     before: Accuracy = accuracy(source.model, dataset, names)
     after: Accuracy = accuracy(result.model, dataset, names)
     return {"before": before.to_json(), "after": after.to_json(), "eval_images": len(dataset)}

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from xkt.shared.artifact import load_artifact
 from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, command
-from xkt.shared.data import Preprocess, labelled_dataset, read_modality
+from xkt.shared.data import labelled_dataset, read_modality
 from xkt.shared.evaluation import Accuracy, accuracy
 from xkt.shared.log import emit_json, stderr_console
 from xkt.shared.signing import load_public_key
@@ -27,8 +27,7 @@ def evaluate(
     """Verify a model artifact, then measure its accuracy on the site's labelled eval images."""
     with command(json_output=json_output, verbose=verbose, quiet=quiet):
         loaded = load_artifact(model, [load_public_key(owner_key)])
-        spec = loaded.manifest.input_spec
-        preprocess = Preprocess(spec.size, tuple(spec.mean), tuple(spec.std))  # type: ignore[arg-type]
+        preprocess = loaded.manifest.input_spec.preprocess()
         modality = read_modality(site)
         dataset = labelled_dataset(site / "eval" / "labels.csv", modality, preprocess, loaded.manifest.class_names)
         result = accuracy(loaded.model, dataset, loaded.manifest.class_names)
