@@ -28,7 +28,6 @@ import platform
 import shlex
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -55,6 +54,7 @@ from xkt.shared.data import (
 )
 from xkt.shared.errors import ConfigError, DataError
 from xkt.shared.evaluation import accuracy
+from xkt.shared.files import replace_file
 from xkt.shared.models import SourceClassifier
 from xkt.shared.shapes_benchmark import ShapesConfig, write_shapes_benchmark
 from xkt.shared.signing import generate_keypair, load_private_key, load_public_key
@@ -144,12 +144,7 @@ def resolve_configs(plan: BenchmarkPlan) -> tuple[AdaptConfig, SourceTrainConfig
 def _write_json(path: Path, value: Any) -> None:
     """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(json.dumps(value, indent=1, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    replace_file(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
 
 
 # ------------------------------------------------------------------ preparing

@@ -44,6 +44,7 @@ from xkt.shared.artifact import (
     verify_artifact,
 )
 from xkt.shared.errors import ConfigError, TransportError, VerificationError
+from xkt.shared.files import fsync_dir
 from xkt.shared.grpc_options import MAX_CHUNK_BYTES
 from xkt.shared.manifest import MAX_MANIFEST_BYTES, Manifest, check_batchnorm_layers, parse_signed_manifest
 from xkt.shared.models import BatchNormStats, batchnorm_statistics, build_model
@@ -261,17 +262,9 @@ def _publish(
         )
     os.replace(part, part_dir / WEIGHTS_FILE)
     verify_artifact(part_dir, owner_keys)
-    _fsync_dir(part_dir)
+    fsync_dir(part_dir)
     os.replace(part_dir, final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
 
 
 def fetch_model(

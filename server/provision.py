@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPub
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from xkt.shared.errors import ConfigError
-from xkt.shared.files import write_new_file
+from xkt.shared.files import replace_file, write_new_file
 from xkt.shared.signing import strict_json_loads
 from xkt.shared.tls import (
     cert_fingerprint,
@@ -352,7 +352,7 @@ def _publish_kit(
         raise
     index = _read_index(paths)
     index["sites"].append({**record, "issued_at": _now().isoformat()})
-    _replace_file(paths.index, _json_bytes(index))
+    replace_file(paths.index, _json_bytes(index))
     return kit
 
 
@@ -477,7 +477,7 @@ def revoke_site(pki_dir: Path, site_id: str) -> list[int]:
             )
         when = _now().isoformat()
         doc["revoked"] += [{"serial": s, "site_id": site_id, "revoked_at": when} for s in new]
-        _replace_file(paths.revoked, _json_bytes(doc))
+        replace_file(paths.revoked, _json_bytes(doc))
     return [int(s, 16) for s in new]
 
 
@@ -536,21 +536,6 @@ def _bad_json(path: Path) -> ConfigError:
         hint="restore it from a backup; each kit's kit.json holds its serial and fingerprint",
         reason="bad-pki-file",
     )
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a sibling temporary file, fsync, then rename over ``path`` (atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextmanager

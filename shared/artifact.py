@@ -43,6 +43,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from xkt.shared.errors import ConfigError, VerificationError
+from xkt.shared.files import fsync_dir
 from xkt.shared.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -361,9 +362,9 @@ def _publish(out_dir: Path, files: dict[str, bytes], overwrite: bool) -> None:
         for name, data in files.items():
             _write_synced(staging / name, data)
         os.chmod(staging, 0o755)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         _replace_dir(staging, out_dir, overwrite)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -374,15 +375,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new directory entry durable (directories are fsynced by fd)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _replace_dir(staging: Path, out_dir: Path, overwrite: bool) -> None:

@@ -6,12 +6,17 @@ directory or device is refused, a private file readable by others is refused, an
 read is bounded.  Creating such a file must never replace one or expose it, even
 briefly.  One implementation serves the signing keys, the TLS files and the tokens;
 callers choose the wording and the reason slugs their users see.
+
+Replacing a file that is not secret but must never be seen half-written (an index, a
+run record, a checkpoint pointer) goes through :func:`replace_file`; making a rename
+durable goes through :func:`fsync_dir`.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +101,32 @@ def write_new_file(
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def replace_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to a sibling temporary file, fsync, then rename over ``path``.
+
+    A crash at any point leaves the old file or the new one, never half of one, and no
+    temporary file behind when the write itself fails.
+    """
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new directory entry durable (directories are fsynced by fd)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

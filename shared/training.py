@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from xkt.shared.files import replace_file
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -68,9 +70,7 @@ class Checkpoints:
         if best is not None:
             state["best_file"] = f"best-{epoch:04d}.safetensors"
             _save_synced(best, self.folder / state["best_file"])
-        temporary = self.folder / "latest.json.tmp"
-        temporary.write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(temporary, self.folder / "latest.json")
+        replace_file(self.folder / "latest.json", json.dumps(state, indent=1, sort_keys=True).encode("utf-8"))
         keep = {state["last_file"], state["best_file"], "latest.json"}
         for stale in self.folder.glob("*.safetensors"):
             if stale.name not in keep:
