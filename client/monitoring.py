@@ -26,7 +26,7 @@ import torch
 from xkt.client.methods.base import TargetBatches, TargetOutputs
 from xkt.client.methods.batchnorm_capture import batchnorm_distance_to_source, source_batchnorm_reference
 from xkt.client.methods.losses import diversity, mean_entropy
-from xkt.client.methods.pseudo_labels import centroid_pseudo_labels, target_outputs
+from xkt.client.methods.pseudo_labels import target_outputs
 from xkt.shared.errors import ConfigError
 from xkt.shared.models import SourceClassifier
 
@@ -87,7 +87,7 @@ class Monitor:
         """Every signal of the module docstring for ``model``, whose outputs are ``outputs``."""
         probabilities = outputs.probabilities
         predictions = probabilities.argmax(dim=1)
-        pseudo_labels = centroid_pseudo_labels(outputs.features, probabilities)
+        pseudo_labels = outputs.centroid_labels
         entropy, spread = float(mean_entropy(probabilities)), float(diversity(probabilities))
         signals = {
             "mean_entropy": entropy,

@@ -17,11 +17,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from xkt.client.methods.pseudo_labels import centroid_pseudo_labels
 from xkt.shared.data import Preprocess
 from xkt.shared.errors import ConfigError
 from xkt.shared.models import SourceClassifier
@@ -56,6 +58,14 @@ class TargetOutputs:
 
     features: torch.Tensor  # (N, D) bottleneck features B(F(x))
     probabilities: torch.Tensor  # (N, K) softmax outputs
+
+    @cached_property
+    def centroid_labels(self) -> torch.Tensor:
+        """SHOT's closed-set centroid pseudo-labels (N,), computed once however many readers ask.
+
+        The trainer's monitor and the method's epoch hook both read them from the same outputs.
+        """
+        return centroid_pseudo_labels(self.features, self.probabilities)
 
 
 @dataclass(frozen=True)

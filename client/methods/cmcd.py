@@ -66,7 +66,6 @@ from xkt.client.methods.losses import (
     symmetric_info_nce,
 )
 from xkt.client.methods.projection import EmbeddingQueue, ProjectionHead
-from xkt.client.methods.pseudo_labels import centroid_pseudo_labels
 from xkt.client.methods.socket import source_pair_features
 from xkt.shared.errors import ConfigError
 from xkt.shared.models import SourceClassifier
@@ -202,7 +201,7 @@ class Cmcd(Method):
     def on_epoch_start(self, model: SourceClassifier, outputs: TargetOutputs, data: SiteData) -> dict[str, float]:
         """Refresh SHOT's centroid pseudo-labels when λ_PL > 0 (otherwise nothing to do)."""
         if self.config.pl_weight != 0.0:
-            self.pseudo_labels = centroid_pseudo_labels(outputs.features, outputs.probabilities)
+            self.pseudo_labels = outputs.centroid_labels
         return {}
 
     def embed_pairs(self, model: SourceClassifier, target_halves: torch.Tensor) -> torch.Tensor:

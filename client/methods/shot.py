@@ -55,7 +55,10 @@ class Shot(Method):
         """Recompute centroid pseudo-labels for the whole target set (skipped when β = 0)."""
         if self.config.cls_par == 0.0:
             return {}
-        self.pseudo_labels = centroid_pseudo_labels(outputs.features, outputs.probabilities, self.config.threshold)
+        if self.config.threshold == 0:
+            self.pseudo_labels = outputs.centroid_labels  # the closed set: shared with the trainer's monitor
+        else:
+            self.pseudo_labels = centroid_pseudo_labels(outputs.features, outputs.probabilities, self.config.threshold)
         return {}
 
     def losses(self, model: SourceClassifier, batch: Batch) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ from xkt.client.methods.losses import (
     pseudo_label_cross_entropy,
     ti_feature_distance,
 )
-from xkt.client.methods.pseudo_labels import centroid_pseudo_labels, socket_pseudo_labels
+from xkt.client.methods.pseudo_labels import socket_pseudo_labels
 from xkt.shared.errors import ConfigError
 from xkt.shared.models import SourceClassifier
 
@@ -96,7 +96,7 @@ class Socket(Method):
         if self.config.pseudo_labels == "socket":
             self.pseudo_labels = socket_pseudo_labels(outputs.features, outputs.probabilities)
         else:
-            self.pseudo_labels = centroid_pseudo_labels(outputs.features, outputs.probabilities)
+            self.pseudo_labels = outputs.centroid_labels
         return {}
 
     def losses(self, model: SourceClassifier, batch: Batch) -> dict[str, torch.Tensor]:

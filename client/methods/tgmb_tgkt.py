@@ -74,7 +74,6 @@ from xkt.client.methods.losses import (
     pixel_reconstruction,
     ti_feature_distance,
 )
-from xkt.client.methods.pseudo_labels import centroid_pseudo_labels
 from xkt.client.methods.socket import source_pair_features
 from xkt.client.methods.translator import ModalityDiscriminator, Translator
 from xkt.shared.errors import ConfigError
@@ -227,7 +226,7 @@ class TgmbTgkt(Method):
         if self.config.pseudo_labels == "prediction":
             self.confidence, self.pseudo_labels = probabilities.max(dim=1)
         else:
-            self.pseudo_labels = centroid_pseudo_labels(outputs.features.clone(), probabilities)
+            self.pseudo_labels = outputs.centroid_labels
             self.confidence = probabilities.gather(1, self.pseudo_labels[:, None]).squeeze(1)
         kept = float((self.confidence >= self.config.self_threshold).float().mean())
         agreement = float((self.teacher_logits.argmax(dim=1) == probabilities.argmax(dim=1)).float().mean())
