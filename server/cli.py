@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xkt.server.commands import audit, keys, provision, serve, tokens, train
+from xkt.server.commands import audit, import_weights, keys, provision, serve, tokens, train
 from xkt.shared.cli_support import new_app
 
 app = new_app(
@@ -11,6 +11,7 @@ app = new_app(
 )
 app.add_typer(keys.app, name="keys")
 app.add_typer(provision.app, name="provision")
+app.command("import-weights")(import_weights.import_weights)
 app.command("train")(train.train)
 app.command("serve")(serve.serve)
 app.add_typer(audit.app, name="audit")

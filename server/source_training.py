@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xkt.shared.artifact import LoadedArtifact
 from xkt.shared.config import to_dict
 from xkt.shared.data import RGB, ImageDataset, Preprocess, class_names, labelled_dataset, read_labels, read_raw
 from xkt.shared.errors import ConfigError, DataError
@@ -56,6 +57,43 @@ class SourceTrainConfig:
     # built-in benchmark) 1e-2 learns slowly and >= 2e-2 without warm-up sits at chance
     # for epochs; 5e-2 after a one-epoch linear warm-up learned fastest (benchmarks/README.md).
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-2, warmup_epochs=1.0))
+
+
+@dataclass(frozen=True)
+class BackboneInit:
+    """Pretrained backbone weights to start from (``xkt-server train --init``), from a verified artifact.
+
+    Only the backbone carries over: the bottleneck and classifier are built fresh for the
+    owner's classes.  The artifact's normalisation carries over too, because the backbone
+    learned its features on inputs normalised that way.
+    """
+
+    arch_name: str
+    kwargs: dict[str, Any]
+    backbone: dict[str, torch.Tensor]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_sha256: str
+
+
+def backbone_init(loaded: LoadedArtifact) -> BackboneInit:
+    """What ``--init`` takes from a verified artifact: its backbone, architecture and normalisation."""
+    spec = loaded.manifest.input_spec
+    if spec.modality != "rgb":
+        raise ConfigError(
+            f"--init needs an RGB model; this one was made for {spec.modality!r} input",
+            hint="start from the owner's RGB artifact (e.g. one made by `xkt-server import-weights`)",
+            reason="init-not-rgb",
+        )
+    preprocess = spec.preprocess()
+    return BackboneInit(
+        arch_name=loaded.manifest.arch.name,
+        kwargs=dict(loaded.manifest.arch.kwargs),
+        backbone={k: v.detach().clone() for k, v in loaded.model.backbone.state_dict().items()},
+        mean=preprocess.mean,
+        std=preprocess.std,
+        weights_sha256=loaded.manifest.weights.sha256,
+    )
 
 
 @dataclass
@@ -128,26 +166,30 @@ def train_source(
     *,
     resume: bool = False,
     progress: ProgressFn | None = None,
+    init: BackboneInit | None = None,
 ) -> TrainedSource:
-    """Train the source model on ``data_dir/owner/{train,val}`` and return the best-validation model."""
+    """Train the source model on ``data_dir/owner/{train,val}`` and return the best-validation model.
+
+    With ``init`` the backbone starts from those weights (and the architecture is theirs);
+    otherwise everything starts from a seeded random initialisation.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_csv, val_csv = data_dir / "owner" / "train" / "labels.csv", data_dir / "owner" / "val" / "labels.csv"
     names = class_names(read_labels(train_csv))
-    preprocess = Preprocess(size=image_size(train_csv))
+    size = image_size(train_csv)
+    preprocess = Preprocess(size) if init is None else Preprocess(size, init.mean, init.std)
     train_set = labelled_dataset(train_csv, RGB, preprocess, names)
     val_set = labelled_dataset(val_csv, RGB, preprocess, names)
-    arch = resolve_arch(cfg.model.name, cfg.model.kwargs, len(names), cfg.model.bottleneck_dim)
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)  # initial weights depend on the seed only, not on global state
-        model = build_model(arch)
+    model, arch = _initial_model(cfg, len(names), init)
     optimizer = make_optimizer(model, cfg.optim)
     checkpoints = Checkpoints(checkpoint_dir)
 
-    state: dict[str, Any] = {"epoch": 0, "best_accuracy": -1.0, "best_epoch": 0, "history": []}
+    started_from = None if init is None else init.weights_sha256
+    state: dict[str, Any] = {"epoch": 0, "best_accuracy": -1.0, "best_epoch": 0, "history": [], "init": started_from}
     best_tensors = {k: v.clone() for k, v in model.state_dict().items()}
     if resume:
-        state, best_tensors = _resume(checkpoints, cfg, model, optimizer)
+        state, best_tensors = _resume(checkpoints, cfg, model, optimizer, started_from)
     steps_per_epoch = -(-len(train_set) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     started = time.perf_counter() - state.get("seconds", 0.0)
@@ -178,14 +220,45 @@ def train_source(
     return TrainedSource(model, arch, names, preprocess, metrics)
 
 
+def _initial_model(
+    cfg: SourceTrainConfig, num_classes: int, init: BackboneInit | None
+) -> tuple[SourceClassifier, ArchSpec]:
+    """The seeded model to train: random throughout, or ``init``'s backbone under a fresh seeded head."""
+    if init is not None and cfg.model.name != init.arch_name:
+        raise ConfigError(
+            f"--init holds a {init.arch_name} backbone but the config asks for {cfg.model.name}",
+            hint=f"leave --arch out or pass --arch {init.arch_name}",
+            reason="init-arch-mismatch",
+        )
+    kwargs = cfg.model.kwargs if init is None else init.kwargs
+    arch = resolve_arch(cfg.model.name, kwargs, num_classes, cfg.model.bottleneck_dim)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)  # initial weights depend on the seed only, not on global state
+        model = build_model(arch)
+    if init is not None:
+        model.backbone.load_state_dict(init.backbone, strict=True)
+    return model, arch
+
+
 def _resume(
-    checkpoints: Checkpoints, cfg: SourceTrainConfig, model: SourceClassifier, optimizer: torch.optim.SGD
+    checkpoints: Checkpoints,
+    cfg: SourceTrainConfig,
+    model: SourceClassifier,
+    optimizer: torch.optim.SGD,
+    started_from: str | None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     loaded = checkpoints.load()
     if loaded is None:
         logger.info("no checkpoint in %s: starting from epoch 1", checkpoints.folder)
-        return {"epoch": 0, "best_accuracy": -1.0, "best_epoch": 0, "history": []}, dict(model.state_dict())
+        fresh = {"epoch": 0, "best_accuracy": -1.0, "best_epoch": 0, "history": [], "init": started_from}
+        return fresh, dict(model.state_dict())
     state, last, best = loaded
+    if state.get("init") != started_from:
+        raise ConfigError(
+            f"the checkpoint in {checkpoints.folder} started from other initial weights",
+            hint="resume with the same --init, or drop --resume to start over",
+            reason="resume-config-mismatch",
+        )
     if state.get("config") != to_dict(cfg):
         raise ConfigError(
             f"the checkpoint in {checkpoints.folder} was made with a different config",

@@ -2,7 +2,10 @@
 
 Every model xkt trains, signs, ships or adapts is a :class:`SourceClassifier`: a
 backbone, SHOT's 256-d bottleneck (Linear + BatchNorm1d) and a weight-normalised
-linear classifier (Liang et al., ICML 2020, section 3).  An artifact never carries
+linear classifier (Liang et al., ICML 2020, section 3).  ``bottleneck_dim=0`` leaves the
+bottleneck out: that is how an imported ImageNet classifier (``xkt-server
+import-weights``) keeps its plain linear head, written exactly as weight-normalised
+(v = W, g = ‖W‖ per row).  An artifact never carries
 code: its manifest names the architecture (``ArchSpec``) and the loader rebuilds the
 module from this registry, so the set of buildable models is exactly what is here.
 
@@ -255,16 +258,16 @@ class WeightNormLinear(nn.Module):
 
 
 class SourceClassifier(nn.Module):
-    """backbone → bottleneck (256-d, BN1d) → weight-normalised classifier."""
+    """backbone → bottleneck (256-d, BN1d; none when ``bottleneck_dim`` is 0) → weight-normalised classifier."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, bottleneck_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.bottleneck = Bottleneck(feature_dim, bottleneck_dim)
-        self.classifier = WeightNormLinear(bottleneck_dim, num_classes)
+        self.bottleneck: nn.Module = Bottleneck(feature_dim, bottleneck_dim) if bottleneck_dim else nn.Identity()
+        self.classifier = WeightNormLinear(bottleneck_dim or feature_dim, num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Bottleneck features z = B(F(x)), shape (N, bottleneck_dim)."""
+        """Bottleneck features z = B(F(x)), shape (N, bottleneck_dim); F(x) itself when there is no bottleneck."""
         features: torch.Tensor = self.bottleneck(self.backbone(x))
         return features
 
@@ -301,8 +304,10 @@ def build_model(spec: ArchSpec, device: str | torch.device = "cpu") -> SourceCla
             hint=f"{spec.name} accepts: {', '.join(sorted(accepted)) or 'no parameters'}",
             reason="unknown-architecture-kwarg",
         )
-    if spec.num_classes < 2 or spec.bottleneck_dim < 1:
-        raise ConfigError("num_classes must be >= 2 and bottleneck_dim >= 1", hint="fix the architecture spec")
+    if spec.num_classes < 2 or spec.bottleneck_dim < 0:
+        raise ConfigError(
+            "num_classes must be >= 2 and bottleneck_dim >= 0", hint="fix the architecture spec (0: no bottleneck)"
+        )
     with torch.device(device):
         backbone = builder(**spec.kwargs)
         feature_dim = int(backbone.out_features)  # type: ignore[arg-type]  # every registered backbone sets it

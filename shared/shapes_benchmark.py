@@ -181,7 +181,7 @@ def _save(path: Path, arr: np.ndarray[Any, Any], modality: str) -> None:
     (_png_rgb if modality == "rgb" else _png16)(path, arr)
 
 
-class _Folder:
+class ImageFolder:
     """An image folder with running file numbers and an optional CSV index (streamed)."""
 
     def __init__(self, root: Path, images: str, modality: str, header: tuple[str, ...] | None) -> None:
@@ -251,7 +251,7 @@ def _write_labelled(
     """Owner RGB train/val: images/ + labels.csv (path,label)."""
     g = split_generator(cfg.seed, split)
     items = _shuffled([(c, 0) for c in range(len(TASK_CLASSES)) for _ in range(n_per_class)], g)
-    folder = _Folder(root / split, "images", "rgb", ("path", "label"))
+    folder = ImageFolder(root / split, "images", "rgb", ("path", "label"))
     try:
         for chunk, out in _batches(items, cfg, g, split, progress):
             rgb = out.rgb.numpy()
@@ -267,10 +267,10 @@ def _write_eval(root: Path, cfg: ShapesConfig, evals: list[list[int]], progress:
     g = split_generator(cfg.seed, "eval")
     items = [(c, s) for s in range(cfg.sites) for c in range(len(TASK_CLASSES)) for _ in range(evals[s][c])]
     items = _shuffled(items, g)
-    folders = {("rgb", 0): _Folder(root / "rgb" / "eval", "images", "rgb", ("path", "label"))}
+    folders = {("rgb", 0): ImageFolder(root / "rgb" / "eval", "images", "rgb", ("path", "label"))}
     for m in cfg.modalities:
         for s in range(cfg.sites):
-            folders[(m, s)] = _Folder(root / _site_dir(m, s, cfg) / "eval", "images", m, ("path", "label"))
+            folders[(m, s)] = ImageFolder(root / _site_dir(m, s, cfg) / "eval", "images", m, ("path", "label"))
     try:
         for chunk, out in _batches(items, cfg, g, "eval", progress):
             arrays = {m: _modality_images(out, m) for m in ("rgb", *cfg.modalities)}
@@ -297,7 +297,7 @@ def _write_target(
     g = split_generator(cfg.seed, stage)
     items = [(c, s) for s in range(cfg.sites) for c in range(len(TASK_CLASSES)) for _ in range(target[s][c])]
     items = _shuffled(items, g)
-    folders = [_Folder(root / _site_dir(modality, s, cfg) / "target", "", modality, None) for s in range(cfg.sites)]
+    folders = [ImageFolder(root / _site_dir(modality, s, cfg) / "target", "", modality, None) for s in range(cfg.sites)]
     truth: list[list[tuple[str, str]]] = [[] for _ in range(cfg.sites)]
     for chunk, out in _batches(items, cfg, g, stage, progress):
         arr = _modality_images(out, modality)
@@ -306,13 +306,13 @@ def _write_target(
     counts: dict[str, int] = {}
     for s, rows in enumerate(truth):
         site_dir = _site_dir(modality, s, cfg)
-        _write_truth(truth_labels(root, site_dir), site_dir, rows)
+        write_truth(truth_labels(root, site_dir), site_dir, rows)
         counts[f"{site_dir}/target"] = folders[s].count
         counts[f"{TRUTH_DIR}/{site_dir}"] = len(rows)
     return counts
 
 
-def _write_truth(csv_path: Path, site_dir: str, rows: list[tuple[str, str]]) -> None:
+def write_truth(csv_path: Path, site_dir: str, rows: list[tuple[str, str]]) -> None:
     """``path,label`` rows; paths are relative to the CSV's folder, as ``read_labels`` resolves them."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="", encoding="utf-8") as handle:
@@ -331,8 +331,8 @@ def _write_pairs(root: Path, modality: str, cfg: ShapesConfig, progress: Progres
     src, dst = [], []
     for s in range(cfg.sites):
         paired = root / _site_dir(modality, s, cfg) / "paired"
-        src.append(_Folder(paired, "rgb", "rgb", ("source_path", "target_path")))
-        dst.append(_Folder(paired, modality, modality, None))
+        src.append(ImageFolder(paired, "rgb", "rgb", ("source_path", "target_path")))
+        dst.append(ImageFolder(paired, modality, modality, None))
     try:
         for chunk, out in _batches(items, cfg, g, stage, progress):
             rgb, arr = out.rgb.numpy(), _modality_images(out, modality)
@@ -386,15 +386,12 @@ def _is_nonempty(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def write_shapes_benchmark(
-    out: Path, cfg: ShapesConfig, progress: Progress | None = None, *, force: bool = False
-) -> dict[str, Any]:
-    """Render and write the benchmark to ``out`` atomically; returns the dataset.json summary.
+def publish_dataset(out: Path, write: Callable[[Path], dict[str, Any]], *, force: bool) -> dict[str, Any]:
+    """Run ``write(folder)`` into ``OUT.partial`` and rename it onto ``out``: complete or absent, never half.
 
-    Raises DataError when ``out`` exists and is not empty, unless ``force`` (then it is
-    replaced, but only once the new data set is complete).
+    Refuses a non-empty ``out`` unless ``force`` (then it is replaced, but only once the new
+    data set is complete).  Returns what ``write`` returned (the dataset.json summary).
     """
-    cfg.validate()
     out = Path(out)
     if _is_nonempty(out) and not force:
         raise DataError(
@@ -407,8 +404,7 @@ def write_shapes_benchmark(
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     try:
-        with torch.no_grad():
-            summary = _write_all(partial, cfg, progress)
+        summary = write(partial)
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():
@@ -418,3 +414,20 @@ def write_shapes_benchmark(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return summary
+
+
+def write_shapes_benchmark(
+    out: Path, cfg: ShapesConfig, progress: Progress | None = None, *, force: bool = False
+) -> dict[str, Any]:
+    """Render and write the benchmark to ``out`` atomically; returns the dataset.json summary.
+
+    Raises DataError when ``out`` exists and is not empty, unless ``force`` (then it is
+    replaced, but only once the new data set is complete).
+    """
+    cfg.validate()
+
+    def write(folder: Path) -> dict[str, Any]:
+        with torch.no_grad():
+            return _write_all(folder, cfg, progress)
+
+    return publish_dataset(out, write, force=force)

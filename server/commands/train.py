@@ -8,14 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from xkt.server.source_training import SourceTrainConfig, train_source
-from xkt.shared.artifact import InputSpec, save_artifact
+from xkt.server.source_training import SourceTrainConfig, backbone_init, train_source
+from xkt.shared.artifact import InputSpec, load_artifact, save_artifact
 from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, command
 from xkt.shared.config import load_config, to_dict
 from xkt.shared.data import fingerprint, read_labels
 from xkt.shared.errors import DataError
 from xkt.shared.log import emit_json, progress_bar, stderr_console
-from xkt.shared.signing import load_private_key
+from xkt.shared.signing import load_private_key, load_public_key
 
 
 def train(
@@ -26,6 +26,14 @@ def train(
         str | None, typer.Option("--arch", help="Architecture: resnet18, resnet_tiny, mobilenet_v2.")
     ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs (overrides config).")] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option("--init", help="Start the backbone from this signed artifact (e.g. from `import-weights`)."),
+    ] = None,
+    init_key: Annotated[
+        Path | None,
+        typer.Option("--init-key", help="Public key --init is signed with [default: the public half of --key]."),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML config file.")] = None,
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
@@ -40,7 +48,12 @@ def train(
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
 ) -> None:
-    """Train the source classifier with SHOT's recipe and write a signed artifact."""
+    """Train the source classifier with SHOT's recipe and write a signed artifact.
+
+    With --init the backbone starts from a signed artifact's weights (verified first) and
+    a fresh SHOT head is trained for the data's classes; SHOT's fine-tuning rate is then
+    the usual choice: --set optim.lr=0.01 --set optim.warmup_epochs=0.
+    """
     with command(json_output=json_output, verbose=verbose, quiet=quiet):
         private_key = load_private_key(key)  # fail before hours of training, not after
         if not (data / "owner" / "train" / "labels.csv").is_file():
@@ -49,7 +62,12 @@ def train(
                 hint="generate the built-in data with `xkt-bench data --kind shapes --out DIR`",
                 reason="missing-owner-data",
             )
+        start = None
+        if init is not None:
+            trusted = load_public_key(init_key) if init_key else private_key.public_key()
+            start = backbone_init(load_artifact(init, [trusted]))  # verified before a tensor is built
         extra = [
+            *([f'model.name="{start.arch_name}"'] if start else []),
             *(overrides or []),
             *([f'model.name="{arch}"'] if arch else []),
             *([f"epochs={epochs}"] if epochs else []),
@@ -62,7 +80,7 @@ def train(
                 bar.update(task, description=label, completed=done, total=total, status=status)
 
             trained = train_source(
-                data, cfg, checkpoints or out.with_name(out.name + ".ckpt"), resume=resume, progress=report
+                data, cfg, checkpoints or out.with_name(out.name + ".ckpt"), resume=resume, progress=report, init=start
             )
         train_rows = read_labels(data / "owner" / "train" / "labels.csv")
         manifest = save_artifact(
@@ -84,6 +102,9 @@ def train(
                 "kind": "source",
                 "recipe": "shot-source",
                 "config": to_dict(cfg),
+                "init": None
+                if start is None
+                else {"artifact": init.name if init else "", "weights_sha256": start.weights_sha256},
                 "data_fingerprint": fingerprint([r.path for r in train_rows], data),
                 "metrics": {k: v for k, v in trained.metrics.items() if k != "history"},
             },
