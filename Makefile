@@ -8,9 +8,18 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.xkt-installed
 
-.PHONY: install install-real demo test test-real lint typecheck unit clean
+.PHONY: install install-nginx install-real demo test test-real lint typecheck unit clean
 
-install: $(STAMP)
+install: $(STAMP) install-nginx
+
+# The fleet proxy (server/fleet_proxy.py) runs a real nginx in front of the Flower SuperLink.
+# Debian's package would start a system nginx on port 80: when this installs it, that service
+# is stopped and disabled (the proxy runs its own nginx). Without root it warns; the proxy's tests then skip.
+install-nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null \
+		 && (systemctl disable --now nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || true)) \
+		|| echo "warning: could not install nginx; the fleet proxy needs it (fix: sudo apt-get install nginx)"; }
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xkt.client.commands import adapt, csr, doctor, evaluate, fetch, validate_data
+from xkt.client.commands import adapt, csr, doctor, evaluate, fetch, join, validate_data
 from xkt.shared.cli_support import new_app
 
 app = new_app(
@@ -15,6 +15,8 @@ app.command("csr")(csr.csr)
 app.command("fetch")(fetch.fetch)
 app.command("doctor")(doctor.doctor)
 app.command("adapt")(adapt.adapt)
+app.command("join-key")(join.join_key)
+app.command("join")(join.join)
 
 
 def main() -> None:

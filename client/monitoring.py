@@ -18,6 +18,7 @@ compares the kept model with the source to catch negative transfer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -119,10 +120,13 @@ def select_epoch(history: Sequence[Signals], rule: str) -> int:
     if rule == "last":
         return len(history) - 1
     name, larger_is_better = SELECTION_RULES[rule]
-    best = 0
-    for index, signals in enumerate(history):
-        better = signals[name] >= history[best][name] if larger_is_better else signals[name] <= history[best][name]
-        best = index if better else best
+    finite = [index for index, signals in enumerate(history) if math.isfinite(signals[name])]
+    if not finite:
+        return len(history) - 1
+    best = finite[0]
+    for index in finite:
+        value, kept = history[index][name], history[best][name]
+        best = index if (value >= kept if larger_is_better else value <= kept) else best
     return best
 
 
@@ -134,6 +138,8 @@ def guard_verdict(source: Signals, adapted: Signals, cfg: MonitorConfig) -> list
     classifier stopped agreeing with the feature clusters.
     """
     reasons = []
+    if not all(math.isfinite(value) for value in adapted.values()):
+        reasons.append("the adapted model's label-free signals are not finite (NaN weights or outputs)")
     if adapted["im"] > source["im"] + cfg.guard_im_margin:
         reasons.append(f"information maximisation got worse ({adapted['im']:.3f} vs {source['im']:.3f} at the source)")
     if adapted["diversity"] < cfg.guard_min_diversity_ratio * source["diversity"]:

@@ -222,7 +222,12 @@ def adapt(
         for epoch in range(first, stage_end + 1):
             hook_signals = algorithm.on_epoch_start(model, outputs, data)
             where = _Position(stage, epoch, epoch - (stage_end - stage.epochs + 1), last_epoch)
-            losses = _train_epoch(model, algorithm, optimizer, target, pairs, cfg, where, progress)
+            try:
+                losses = _train_epoch(model, algorithm, optimizer, target, pairs, cfg, where, progress)
+            except Diverged as diverged:  # nothing after this can be trusted: stop, keep the best finite epoch
+                state["diverged"] = diverged.to_json()
+                logger.warning("%s; keeping epoch %s", diverged, state.get("selected_epoch") or "0 (the source)")
+                break
             entry: dict[str, Any] = {"epoch": epoch, "stage": stage.name, "losses": losses, **hook_signals}
             if stage.trains_model:
                 outputs = monitor.outputs(model)
@@ -239,12 +244,27 @@ def adapt(
             resume_tensors = _resume_tensors(model, algorithm, optimizer, previous)
             checkpoints.save(state, resume_tensors, best)
             logger.info("epoch %d (%s): %s; %s", epoch, stage.name, _fmt(losses), _fmt(entry.get("signals", {})))
+        if "diverged" in state:
+            break
 
     if best is not None:
         model.load_state_dict(best)
+    elif "diverged" in state:  # no finite epoch to keep: the source itself, never half-updated weights
+        model.load_state_dict(frozen.state_dict())
     model.requires_grad_(True)
     state["seconds"] = time.perf_counter() - started
     return AdaptResult(model.eval(), _metrics(method, state, cfg.monitor, trained=True), config)
+
+
+class Diverged(Exception):
+    """A loss became NaN or infinite: the weights it would update can no longer be trusted."""
+
+    def __init__(self, epoch: int, stage: str, terms: list[str]) -> None:
+        super().__init__(f"training diverged at epoch {epoch} ({stage}): non-finite {', '.join(terms)}")
+        self.epoch, self.stage, self.terms = epoch, stage, terms
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "stage": self.stage, "terms": self.terms}
 
 
 def _check_inputs(algorithm: Method, target: ImageDataset, pairs: PairedDataset | None) -> None:
@@ -326,6 +346,9 @@ def _train_epoch(
             group["lr"] = group["initial_lr"] * lr_factor(within * steps + index, total, cfg.optim, warmup)
         terms = algorithm.losses(model, Batch(images, indices, next(sampler) if sampler else None))
         loss = sum((algorithm.config.weights[name] * term for name, term in terms.items()), torch.zeros(()))
+        if not torch.isfinite(loss):
+            bad = [name for name, term in terms.items() if not torch.isfinite(term)]
+            raise Diverged(epoch, stage.name, bad or list(terms))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
@@ -395,8 +418,21 @@ def _metrics(method: str, state: dict[str, Any], monitor: MonitorConfig, *, trai
         "source": state["source"],
         "selected_epoch": selected or 0,
         "final": kept,
-        "guard": guard_verdict(state["source"], kept, monitor) if trained else [],
+        "guard": _diverged_reason(state) + (guard_verdict(state["source"], kept, monitor) if trained else []),
+        "diverged": state.get("diverged"),
     }
+
+
+def _diverged_reason(state: dict[str, Any]) -> list[str]:
+    """The guard's first reason when training stopped on a non-finite loss."""
+    diverged = state.get("diverged")
+    if not diverged:
+        return []
+    kept = state.get("selected_epoch") or 0
+    where = f"epoch {kept}" if kept else "the source model, unchanged"
+    return [
+        f"training diverged at epoch {diverged['epoch']} ({diverged['stage']}: non-finite {', '.join(diverged['terms'])}); kept {where}"
+    ]
 
 
 def _fmt(values: dict[str, float]) -> str:

@@ -168,3 +168,22 @@ def test_the_kept_model_is_the_epoch_the_selection_rule_picks(toy: _Toy, tmp_pat
         checkpoint_dir=tmp_path / "last",
     )
     assert last.metrics["selected_epoch"] == 4
+
+
+def test_a_diverging_run_stops_and_returns_the_source_unchanged(toy: _Toy, tmp_path: Path) -> None:
+    """A learning rate of 1e12 makes the loss non-finite within the first epoch: no epoch is kept, no weight changes."""
+    cfg = AdaptConfig(epochs=3, batch_size=16, threads=1, optim=AdaptOptimConfig(lr=1e12))
+    result = adapt(toy.source, toy.target, "shot-im", cfg, checkpoint_dir=tmp_path / "nan")
+    assert result.metrics["diverged"]["epoch"] == 1
+    assert result.metrics["guard"][0].startswith("training diverged at epoch 1")
+    for name, tensor in toy.source.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], tensor), name
+    assert all(np.isfinite(v) for v in result.metrics["final"].values())
+
+
+def test_selection_skips_epochs_whose_signal_is_not_finite() -> None:
+    from xkt.client.monitoring import select_epoch
+
+    history = [{"im": -1.0}, {"im": float("nan")}, {"im": -1.5}, {"im": float("nan")}]
+    assert select_epoch(history, "im") == 2
+    assert select_epoch([{"im": float("nan")}], "im") == 0

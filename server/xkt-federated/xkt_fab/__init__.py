@@ -1,0 +1,1 @@
+"""The xkt Flower app bundle: shims only (see pyproject.toml)."""

@@ -1,0 +1,53 @@
+"""How xkt starts Flower processes on either side: environment, ports, and stopping a process group.
+
+Every Flower command creates ``$FLWR_HOME`` (default ``~/.flwr``) with a telemetry id and
+phones home unless told not to (../shared/reference/flower.md §9.7), and Flower's daemons
+start children of their own (superexec, app processes).  So each xkt-started Flower process
+gets its own ``FLWR_HOME``, telemetry and update checks off, this virtualenv's scripts
+first on ``PATH``, and its own session, whose whole group is stopped together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process xkt starts: own FLWR_HOME, no telemetry, this venv first."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Stop a child started with ``start_new_session=True`` and everything in its group."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout_s)
+    except ProcessLookupError:
+        pass
+    with contextlib.suppress(ProcessLookupError):  # leftovers of the group (app processes) after the leader exited
+        os.killpg(process.pid, signal.SIGKILL)

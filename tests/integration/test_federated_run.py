@@ -1,0 +1,245 @@
+"""Federated adaptation on Flower's real deployment engine, on loopback.
+
+Real processes throughout: ``xkt-server federate`` (a SuperLink with TLS and SuperNode
+authentication, the fleet-only nginx proxy, ``flwr run`` of the xkt app bundle) and one
+``xkt-client join`` per site (a SuperNode dialling out through the proxy, the site's guard
+in front of Flower's app runner).  The model is a tiny untrained ResNet and the data a
+small render split across two sites, so a round is seconds of compute; most of the time is
+Flower's polling (about 3 s per hop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xkt.server.federation_runner import app_sha256
+from xkt.shared.artifact import load_artifact
+from xkt.shared.models import resolve_arch
+from xkt.shared.render import TASK_CLASSES
+from xkt.shared.signing import fingerprint, load_public_key
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from owner_fixtures import save_signed_toy  # noqa: E402
+from tls_fixtures import make_pki  # noqa: E402
+
+BIN = Path(sys.executable).parent
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (make install installs it)"),
+]
+
+
+@dataclass(frozen=True)
+class Federation:
+    root: Path
+    data: Path
+    model: Path
+    owner_pub: Path
+    ca: Path
+    cert: Path
+    key: Path
+    app_sha256: str
+
+
+def run(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    completed = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == expect, completed.stderr + completed.stdout
+    return completed
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    root = tmp_path_factory.mktemp("fed")
+    data = root / "data"
+    run("xkt-bench", "data", "--out", str(data), "--per-class", "2", "--site-per-class", "8", "--size", "32",
+        "--sites", "2", "--skew", "1", "-q")  # fmt: skip
+    toy = save_signed_toy(
+        root / "owner", arch=resolve_arch("resnet_tiny", {}, len(TASK_CLASSES)), class_names=TASK_CLASSES
+    )
+    pki = make_pki(root / "pki")
+    pki.server.key_path.chmod(0o600)  # the proxy refuses a private key others can read
+    return Federation(
+        root=root,
+        data=data,
+        model=toy.model_dir,
+        owner_pub=toy.owner_pub,
+        ca=pki.ca.cert_path,
+        cert=pki.server.cert_path,
+        key=pki.server.key_path,
+        app_sha256=app_sha256(),
+    )
+
+
+def make_site(
+    fed: Federation, name: str, index: int, *, methods: tuple[str, ...] = ("shot",), app: str = ""
+) -> dict[str, Path]:
+    """A site: its data folder with a [policy], a SuperNode key, an output folder."""
+    site = fed.root / name / "site"
+    shutil.copytree(fed.data / f"depth-site{index}", site)
+    owner = fingerprint(load_public_key(fed.owner_pub))
+    policy = (
+        "\n[policy]\n"
+        f"allowed_owner_keys = [{json.dumps(owner)}]\n"
+        f"allowed_methods = {json.dumps(list(methods))}\n"
+        f"app_sha256 = [{json.dumps(app or fed.app_sha256)}]\n"
+        "max_upload_bytes = 100000000\n"
+        'metrics = ["num_examples", "accuracy", "im", "mean_entropy", "train_seconds"]\n'
+    )
+    with (site / "site.toml").open("a", encoding="utf-8") as handle:
+        handle.write(policy)
+    keys = fed.root / name / "keys"
+    run("xkt-client", "join-key", "--out", str(keys), "-q")
+    return {"site": site, "key": keys / "supernode.key", "pub": keys / "supernode.pub", "out": fed.root / name / "out"}
+
+
+def read_json_line(proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+    """The next stdout line of ``proc`` as JSON, with a deadline (never a bare readline)."""
+    assert proc.stdout is not None
+    deadline, line = time.monotonic() + timeout_s, b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no JSON line within {timeout_s} s"
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 1)
+            assert chunk, "process closed stdout"
+            line += chunk
+    return dict(json.loads(line))
+
+
+def start_federate(fed: Federation, sites: list[dict[str, Path]], out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    args = [str(BIN / "xkt-server"), "federate", "--model", str(fed.model), "--owner-key", str(fed.owner_pub)]
+    args += ["--out", str(out), "--tls-cert", str(fed.cert), "--tls-key", str(fed.key), "--ca-cert", str(fed.ca)]
+    for site in sites:
+        args += ["--site-key", str(site["pub"])]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.with_suffix(".log").open("wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([*args, "--json", *extra], stdout=subprocess.PIPE, stderr=log)
+
+
+def start_join(fed: Federation, site: dict[str, Path], address: str) -> subprocess.Popen[bytes]:
+    args = [str(BIN / "xkt-client"), "join", "--superlink", address, "--site", str(site["site"])]
+    args += ["--key", str(site["key"]), "--ca-cert", str(fed.ca), "--owner-key", str(fed.owner_pub)]
+    args += ["--out", str(site["out"]), "--until-finished", "--timeout", "400", "--threads", "1", "--json"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Kill what the test started and is still running (each by its own PID)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def kill_site(join: subprocess.Popen[bytes], supernode_pid: int) -> None:
+    """SIGKILL a site: its SuperNode's process group (SuperNode, app runner) and the join command."""
+    os.killpg(supernode_pid, signal.SIGKILL)
+    join.kill()
+    join.wait()
+
+
+def finish(proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+    try:
+        proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, f"exit {proc.returncode}"
+    return read_json_line(proc, 5)
+
+
+def test_two_sites_two_rounds_over_tls_with_node_auth(federation: Federation) -> None:
+    sites = [make_site(federation, f"site{i}", i) for i in (0, 1)]
+    out = federation.root / "run-2x2"
+    owner = start_federate(federation, sites, out, "--rounds", "2", "--min-sites", "2", "--local-epochs", "1")
+    joins: list[subprocess.Popen[bytes]] = []
+    try:
+        ready = read_json_line(owner, 120)
+        assert ready.get("event") == "ready" and ready["app_sha256"] == federation.app_sha256, ready
+        joins = [start_join(federation, site, ready["listen"]) for site in sites]
+        result = finish(owner, 400)
+    finally:
+        stop_all([owner, *joins])
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    for record in result["rounds"]:
+        assert record["replied"] == 2 and not record["failed"]
+        assert all(m["num-examples"] > 0 and 0.0 <= m["accuracy"] <= 1.0 for m in record["metrics"].values())
+    for site in sites:
+        report = json.loads((site["out"] / "report.json").read_text())
+        assert [r["round"] for r in report["rounds"]] == [1, 2]
+        adapted = load_artifact(site["out"] / "adapted", [load_public_key(site["out"] / "site-key" / "owner.pub")])
+        assert adapted.manifest.provenance["kind"] == "federated"
+
+
+def test_a_site_killed_mid_round_is_waited_out_and_rejoins_the_next_round(federation: Federation) -> None:
+    """Quorum 1 of 2: round 1 closes on the survivor within the straggler timeout; the restarted site is back in round 2.
+
+    The restarted ``xkt-client join`` ends the killed SuperNode's session itself (Flower would
+    otherwise refuse the same key for about a minute), so the SuperLink reports the lost
+    round-1 message as failed at once and the site takes round 2.
+    """
+    sites = [make_site(federation, f"kill{i}", i) for i in (0, 1)]
+    out = federation.root / "run-kill"
+    args = ["--rounds", "2", "--min-sites", "1", "--local-epochs", "3", "--straggler-timeout", "30"]
+    owner = start_federate(federation, sites, out, *args)
+    procs = [owner]
+    try:
+        ready = read_json_line(owner, 120)
+        survivor, victim = (start_join(federation, site, ready["listen"]) for site in sites)
+        procs += [survivor, victim]
+        supernode = int(read_json_line(victim, 60)["supernode_pid"])
+        deadline = time.monotonic() + 120
+        while not (sites[1]["out"] / "artifacts").exists():  # the victim received round 1 and starts training
+            assert time.monotonic() < deadline, "the victim never received round 1"
+            time.sleep(0.05)
+        kill_site(victim, supernode)
+        log = sites[1]["out"] / "rounds.jsonl"
+        assert not log.exists(), "the victim finished round 1 before it was killed"
+        time.sleep(5)
+        procs.append(start_join(federation, sites[1], ready["listen"]))  # the same key: the same node id
+        result = finish(owner, 400)
+    finally:
+        stop_all(procs)
+    first, second = result["rounds"]
+    assert first["replied"] == 1 and len(first["failed"]) == 1, first
+    assert first["seconds"] <= 30 + 10  # within the straggler timeout (earlier once Flower reports the node gone)
+    assert second["replied"] == 2 and not second["failed"], second
+    victim_node = first["failed"][0].split(":")[0]
+    assert victim_node in second["metrics"]
+    rounds = [json.loads(line)["round"] for line in (sites[1]["out"] / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [2]
+
+
+def test_a_site_that_did_not_pin_the_bundle_never_unpacks_it(federation: Federation) -> None:
+    """The guard refuses the bundle before Flower installs it; the round goes on with the other site."""
+    good = make_site(federation, "pinned", 0)
+    refusing = make_site(federation, "unpinned", 1, app="0" * 64)
+    out = federation.root / "run-unpinned"
+    owner = start_federate(federation, [good, refusing], out, "--rounds", "1", "--min-sites", "1")
+    procs = [owner]
+    try:
+        ready = read_json_line(owner, 120)
+        procs += [start_join(federation, site, ready["listen"]) for site in (good, refusing)]
+        result = finish(owner, 300)
+    finally:
+        stop_all(procs)
+    (record,) = result["rounds"]
+    assert record["replied"] == 1 and len(record["failed"]) == 1, record
+    assert "app_sha256" in record["failed"][0] or "pinned" in record["failed"][0], record["failed"]
+    apps = refusing["out"] / ".flwr" / "apps"
+    assert not apps.exists() or not any(apps.iterdir())  # nothing was unpacked
+    assert not (refusing["out"] / "artifacts").exists() and not (refusing["out"] / "rounds.jsonl").exists()

@@ -1,0 +1,105 @@
+"""The site's ClientApp handlers, called in-process with real Flower messages.
+
+What is checked here is the order a round runs in: the site's policy is decided before the
+artifact is looked at and before any site data is read, and a ClientApp that did not come
+through the site's guard refuses to run at all.  The whole run over the network is in
+``tests/integration/test_federation.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from xkt.client import federated_client as fc
+from xkt.shared.errors import PolicyError
+from xkt.shared.federated_wire import ADAPT, CONFIG
+from xkt.shared.signing import fingerprint, generate_keypair, load_public_key
+
+
+def _site(tmp_path: Path, *, methods: list[str], owner: str) -> Path:
+    """A site folder with a policy and NO target/ folder: reading data would fail loudly."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "site.toml").write_text(
+        "[policy]\n"
+        f"allowed_owner_keys = [{json.dumps(owner)}]\n"
+        f"allowed_methods = {json.dumps(methods)}\n"
+        f'app_sha256 = ["{"a" * 64}"]\n'
+        "max_upload_bytes = 1000000\n",
+        encoding="utf-8",
+    )
+    return site
+
+
+def _call(tmp_path: Path, site: Path, owner_pub: Path, method: str) -> None:
+    settings = {"round": 1, "method": method, "local-epochs": 1, "artifact-sha256": "b" * 64}
+    msg = Message(RecordDict({CONFIG: ConfigRecord(settings)}), dst_node_id=1, message_type=ADAPT)
+    node_config = {"site": str(site), "out": str(tmp_path / "out"), "owner-key": str(owner_pub)}
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    fc.adapt_round(msg, context)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Flower's runner sets in a ClientApp process before it builds any Message."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+
+
+@pytest.fixture
+def owner(tmp_path: Path) -> Path:
+    _, public = generate_keypair(tmp_path / "owner")
+    return public
+
+
+def test_a_disallowed_method_is_refused_before_artifact_and_data(
+    tmp_path: Path, owner: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fc.FAB_HASH_ENV, "a" * 64)
+    site = _site(tmp_path, methods=["shot"], owner=fingerprint(load_public_key(owner)))
+    with pytest.raises(PolicyError) as caught:
+        _call(tmp_path, site, owner, "cmcd")
+    assert caught.value.reason == "method-not-allowed"
+    assert not (tmp_path / "out" / "artifacts").exists()
+
+
+def test_an_unknown_owner_key_is_refused_first(tmp_path: Path, owner: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(fc.FAB_HASH_ENV, "a" * 64)
+    site = _site(tmp_path, methods=["shot"], owner="ed25519:" + "0" * 64)
+    with pytest.raises(PolicyError) as caught:
+        _call(tmp_path, site, owner, "shot")
+    assert caught.value.reason == "owner-not-allowed"
+
+
+def test_an_unpinned_bundle_is_refused(tmp_path: Path, owner: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(fc.FAB_HASH_ENV, "c" * 64)
+    site = _site(tmp_path, methods=["shot"], owner=fingerprint(load_public_key(owner)))
+    with pytest.raises(PolicyError) as caught:
+        _call(tmp_path, site, owner, "shot")
+    assert caught.value.reason == "app-not-pinned"
+
+
+def test_without_the_guard_nothing_runs(tmp_path: Path, owner: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(fc.FAB_HASH_ENV, raising=False)
+    site = _site(tmp_path, methods=["shot"], owner=fingerprint(load_public_key(owner)))
+    with pytest.raises(PolicyError) as caught:
+        _call(tmp_path, site, owner, "shot")
+    assert caught.value.reason == "app-not-verified"
+
+
+def test_an_allowed_request_gets_as_far_as_the_missing_artifact(
+    tmp_path: Path, owner: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control: with everything allowed, the next step (the artifact) is reached."""
+    monkeypatch.setenv(fc.FAB_HASH_ENV, "a" * 64)
+    site = _site(tmp_path, methods=["shot"], owner=fingerprint(load_public_key(owner)))
+    with pytest.raises(Exception) as caught:
+        _call(tmp_path, site, owner, "shot")
+    assert getattr(caught.value, "reason", "") == "missing-artifact"
