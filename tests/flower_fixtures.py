@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from xkt.server.provision import PkiPaths, init_pki
+from xkt.shared.flower_process import flower_env  # the product's own: tests start Flower the same way
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 90.0
@@ -48,23 +49,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """The environment for one Flower process: its own FLWR_HOME, no telemetry, no update check.
-
-    The venv's bin goes first on PATH because the SuperLink and SuperNode start
-    ``flower-superexec`` by name.
-    """
-    home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(home),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
-    return env
 
 
 def tls_context(ca: Path | None) -> ssl.SSLContext:
