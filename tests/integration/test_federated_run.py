@@ -225,11 +225,12 @@ def test_a_site_killed_mid_round_is_waited_out_and_rejoins_the_next_round(federa
 
 
 def test_a_site_that_did_not_pin_the_bundle_never_unpacks_it(federation: Federation) -> None:
-    """The guard refuses the bundle before Flower installs it; the round goes on with the other site."""
+    """The guard refuses the bundle before Flower installs it; the round goes on with the other site (with local DP)."""
     good = make_site(federation, "pinned", 0)
     refusing = make_site(federation, "unpinned", 1, app="0" * 64)
     out = federation.root / "run-unpinned"
-    owner = start_federate(federation, [good, refusing], out, "--rounds", "1", "--min-sites", "1")
+    dp = ("--dp-clip", "1.0", "--dp-noise", "0.01")  # the pinned site uploads a clipped, noised update
+    owner = start_federate(federation, [good, refusing], out, "--rounds", "1", "--min-sites", "1", *dp)
     procs = [owner]
     try:
         ready = read_json_line(owner, 120)
@@ -243,3 +244,6 @@ def test_a_site_that_did_not_pin_the_bundle_never_unpacks_it(federation: Federat
     apps = refusing["out"] / ".flwr" / "apps"
     assert not apps.exists() or not any(apps.iterdir())  # nothing was unpacked
     assert not (refusing["out"] / "artifacts").exists() and not (refusing["out"] / "rounds.jsonl").exists()
+    assert result["config"]["dp_clip_norm"] == 1.0 and result["config"]["dp_noise_multiplier"] == 0.01
+    (line,) = (good["out"] / "rounds.jsonl").read_text().splitlines()
+    assert json.loads(line)["upload_bytes"] > 0

@@ -20,7 +20,7 @@ from xkt.shared.federated_wire import ADAPT, CONFIG
 from xkt.shared.signing import fingerprint, generate_keypair, load_public_key
 
 
-def _site(tmp_path: Path, *, methods: list[str], owner: str) -> Path:
+def _site(tmp_path: Path, *, methods: list[str], owner: str, extra: str = "") -> Path:
     """A site folder with a policy and NO target/ folder: reading data would fail loudly."""
     site = tmp_path / "site"
     site.mkdir()
@@ -29,14 +29,15 @@ def _site(tmp_path: Path, *, methods: list[str], owner: str) -> Path:
         f"allowed_owner_keys = [{json.dumps(owner)}]\n"
         f"allowed_methods = {json.dumps(methods)}\n"
         f'app_sha256 = ["{"a" * 64}"]\n'
-        "max_upload_bytes = 1000000\n",
+        "max_upload_bytes = 1000000\n" + extra,
         encoding="utf-8",
     )
     return site
 
 
-def _call(tmp_path: Path, site: Path, owner_pub: Path, method: str) -> None:
+def _call(tmp_path: Path, site: Path, owner_pub: Path, method: str, **more: float) -> None:
     settings = {"round": 1, "method": method, "local-epochs": 1, "artifact-sha256": "b" * 64}
+    settings |= {name.replace("_", "-"): value for name, value in more.items()}
     msg = Message(RecordDict({CONFIG: ConfigRecord(settings)}), dst_node_id=1, message_type=ADAPT)
     node_config = {"site": str(site), "out": str(tmp_path / "out"), "owner-key": str(owner_pub)}
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
@@ -103,3 +104,32 @@ def test_an_allowed_request_gets_as_far_as_the_missing_artifact(
     with pytest.raises(Exception) as caught:
         _call(tmp_path, site, owner, "shot")
     assert getattr(caught.value, "reason", "") == "missing-artifact"
+
+
+def test_a_site_that_requires_dp_refuses_a_round_with_too_little_noise(
+    tmp_path: Path, owner: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fc.FAB_HASH_ENV, "a" * 64)
+    site = _site(
+        tmp_path, methods=["shot"], owner=fingerprint(load_public_key(owner)), extra="min_dp_noise_multiplier = 0.5\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        _call(tmp_path, site, owner, "shot", dp_clip_norm=1.0, dp_noise_multiplier=0.1)
+    assert caught.value.reason == "dp-too-weak"
+    assert not (tmp_path / "out" / "artifacts").exists()
+
+
+def test_a_site_that_uploads_nothing_takes_no_part(
+    tmp_path: Path, owner: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fc.FAB_HASH_ENV, "a" * 64)
+    site = tmp_path / "site"
+    site.mkdir()
+    owner_fp = fingerprint(load_public_key(owner))
+    (site / "site.toml").write_text(
+        f'[policy]\nallowed_owner_keys = ["{owner_fp}"]\nallowed_methods = ["shot"]\napp_sha256 = ["{"a" * 64}"]\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(PolicyError) as caught:
+        _call(tmp_path, site, owner, "shot")
+    assert caught.value.reason == "upload-too-large"
