@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file, save_file
 
-from xkt.client.trainer import AdaptConfig, adapt, require_pairs
+from xkt.client.trainer import AdaptConfig, adapt  # adapt refuses a method that needs pairs the site lacks
 from xkt.shared.artifact import InputSpec, LoadedArtifact, save_artifact
 from xkt.shared.config import load_config
 from xkt.shared.data import ImageDataset, labelled_dataset, list_images, paired_dataset, read_modality
@@ -257,8 +257,6 @@ def _train(
     pairs = paired_dataset(setup.site, modality, preprocess)
     cfg = load_config(AdaptConfig, overrides=list(settings.overrides))
     cfg = replace(cfg, epochs=settings.local_epochs, seed=settings.seed + settings.round, threads=setup.threads)
-    if settings.method in ("socket", "tgmb-tgkt", "cmcd"):
-        require_pairs(settings.method, 0 if pairs is None else len(pairs))
     result = adapt(
         model,
         target,
