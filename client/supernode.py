@@ -31,7 +31,7 @@ from xkt.client.federated_client import NODE_FILE
 from xkt.client.flower_guard import SITE_ENV
 from xkt.shared.errors import ConfigError
 from xkt.shared.files import replace_file
-from xkt.shared.flower_process import flower_env, free_port
+from xkt.shared.flower_process import die_with_parent, flower_env, free_port
 
 KEY_FILE, PUBLIC_FILE = "supernode.key", "supernode.pub"
 
@@ -127,6 +127,7 @@ def start_supernode(cfg: JoinConfig, log: Path | None = None) -> subprocess.Pope
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,  # a SIGKILLed join does not leave its SuperNode dialling on
         )
     finally:
         sink.close()

@@ -66,6 +66,7 @@ from cryptography.hazmat.primitives import serialization
 from xkt.shared.addresses import is_loopback
 from xkt.shared.errors import ConfigError, TransportError
 from xkt.shared.files import replace_file
+from xkt.shared.flower_process import die_with_parent
 from xkt.shared.tls import check_key_permissions, load_cert
 
 FLOWER_REQUEST_TIMEOUT_S = 30
@@ -491,7 +492,12 @@ class FleetProxy:
         self._error_log_start = error_log.stat().st_size if error_log.exists() else 0  # report only this start's lines
         with self.stderr_path.open("wb") as err:
             self._proc = subprocess.Popen(
-                _nginx_args(nginx, live), stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+                _nginx_args(nginx, live),
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # nginx stops with the command that started it, even on SIGKILL
             )
         self._live = live
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 
 from xkt.shared.errors import ConfigError, TransportError
-from xkt.shared.flower_process import flower_env, free_port, stop_group
+from xkt.shared.flower_process import die_with_parent, flower_env, free_port, stop_group
 
 CONNECTION = "xkt"  # the connection name in FLWR_HOME/config.toml
 START_TIMEOUT_S = 60.0
@@ -77,7 +77,12 @@ class SuperLink:
         write_connection(self.home, self.address, self.cfg.ca_cert)
         with (self.cfg.work / "superlink.out").open("ab") as sink:
             self.process = subprocess.Popen(  # its own session: the superexec and app children go with it
-                self.command(), env=flower_env(self.home), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(),
+                env=flower_env(self.home),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # a SIGKILLed owner command does not leave the SuperLink behind
             )
         try:
             wait_healthy(self.address, self.cfg.ca_cert, START_TIMEOUT_S, self.process)

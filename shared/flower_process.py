@@ -10,6 +10,7 @@ first on ``PATH``, and its own session, whose whole group is stopped together.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -51,3 +52,16 @@ def stop_group(process: subprocess.Popen[bytes], timeout_s: float) -> None:
         pass
     with contextlib.suppress(ProcessLookupError):  # leftovers of the group (app processes) after the leader exited
         os.killpg(process.pid, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child in its own session: SIGTERM it when the parent process dies (Linux).
+
+    Children started with ``start_new_session=True`` (so that their whole group stops
+    together) would otherwise outlive a parent killed with SIGKILL and keep running.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent's own clean-up still stops it
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -137,9 +137,14 @@ def start_join(fed: Federation, site: dict[str, Path], address: str) -> subproce
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Kill what the test started and is still running (each by its own PID)."""
+    """Stop what the test started and is still running, each by its own PID: SIGTERM, SIGKILL after 20 s."""
     for proc in procs:
         if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
@@ -247,3 +252,26 @@ def test_a_site_that_did_not_pin_the_bundle_never_unpacks_it(federation: Federat
     assert result["config"]["dp_clip_norm"] == 1.0 and result["config"]["dp_noise_multiplier"] == 0.01
     (line,) = (good["out"] / "rounds.jsonl").read_text().splitlines()
     assert json.loads(line)["upload_bytes"] > 0
+
+
+def test_a_killed_join_takes_its_supernode_with_it(federation: Federation) -> None:
+    """SIGKILL of `xkt-client join` (no chance to clean up) still stops its SuperNode (parent-death signal)."""
+    site = make_site(federation, "orphan", 0)
+    join = start_join(federation, site, "127.0.0.1:9")  # nothing listens there: the SuperNode keeps retrying
+    try:
+        supernode = int(read_json_line(join, 60)["supernode_pid"])
+        join.kill()
+        join.wait()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{supernode}").exists() and _state(supernode) != "Z":
+            assert time.monotonic() < deadline, "the SuperNode outlived its join command"
+            time.sleep(0.2)
+    finally:
+        stop_all([join])
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
