@@ -74,6 +74,14 @@ def data(
                 bar.update(task, description=f"rendering {split}", completed=done, total=total)
 
             if kind is DataKind.emoji:
+                shapes_only = {"--per-class": per_class != 3000, "--site-per-class": site_per_class != 300}
+                shapes_only |= {"--sites": sites != 1, "--skew": skew != 0.0}
+                if any(shapes_only.values()):
+                    raise ConfigError(
+                        f"option(s) {', '.join(k for k, v in shapes_only.items() if v)} belong to --kind shapes",
+                        hint="the emoji benchmark's sizes follow from the emoji themselves; drop those options",
+                        reason="bad-option",
+                    )
                 summary = write_emoji_benchmark(out, EmojiConfig(seed=seed, size=size), progress=report, force=force)
             else:
                 shapes = ShapesConfig(

@@ -376,3 +376,19 @@ def test_failure_halfway_leaves_no_output_and_keeps_the_old_one(
     with pytest.raises(RuntimeError):
         write_emoji_benchmark(old, TINY, force=True)
     assert (old / "keep.txt").read_text() == "x" and not (tmp_path / "old.partial").exists()
+
+
+def test_shapes_only_options_are_refused_for_emoji(tmp_path: Path) -> None:
+    """Runs without the extra: the option check comes before any rendering."""
+    import subprocess
+
+    bench = Path(sys.executable).parent / "xkt-bench"
+    out = tmp_path / "emoji"
+    completed = subprocess.run(
+        [str(bench), "data", "--kind", "emoji", "--out", str(out), "--per-class", "10", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 3
+    error = json.loads(completed.stdout)["error"]
+    assert error["reason"] == "bad-option" and "--per-class" in error["message"]
+    assert not out.exists()
