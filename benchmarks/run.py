@@ -40,16 +40,14 @@ from xkt.benchmarks.oracle import ORACLE, Observer, OracleResult, train_oracle, 
 from xkt.benchmarks.plots import SOURCE_ONLY, markdown, summarise, write_plots
 from xkt.client.methods import METHODS
 from xkt.client.trainer import AdaptConfig, AdaptResult, adapt
-from xkt.server.source_training import BackboneInit, SourceTrainConfig, train_source
-from xkt.shared.artifact import InputSpec, LoadedArtifact, load_artifact, save_artifact
+from xkt.server.source_training import BackboneInit, SourceTrainConfig, save_source, train_source
+from xkt.shared.artifact import LoadedArtifact, load_artifact
 from xkt.shared.config import load_config, to_dict
 from xkt.shared.data import (
     ImageDataset,
-    fingerprint,
     labelled_dataset,
     list_images,
     paired_dataset,
-    read_labels,
     read_modality,
 )
 from xkt.shared.errors import ConfigError, DataError
@@ -198,26 +196,10 @@ def train_source_model(
     logger.info("training the source model (%s, %d epochs) into %s", cfg.model.name, cfg.epochs, model)
     checkpoints = model.with_name(model.name + ".ckpt")
     trained = train_source(data, cfg, checkpoints, resume=True, progress=progress, init=init)
-    rows = read_labels(data / "owner" / "train" / "labels.csv")
-    spec = trained.preprocess
-    save_artifact(
-        trained.model,
-        out_dir=model,
-        private_key=load_private_key(key),
-        model_id="xkt-bench-source",
-        model_version="1",
-        arch=trained.arch,
-        class_names=trained.class_names,
-        input_spec=InputSpec("rgb", 3, spec.size, spec.mean, spec.std),
-        provenance={
-            "kind": "source",
-            "recipe": "shot-source",
-            "config": to_dict(cfg),
-            "init": None if init is None else {"weights_sha256": init.weights_sha256},
-            "data_fingerprint": fingerprint([r.path for r in rows], data),
-            "metrics": {k: v for k, v in trained.metrics.items() if k != "history"},
-        },
-    )
+    save_source(
+        trained, cfg, data, out_dir=model, private_key=load_private_key(key), model_id="xkt-bench-source",
+        model_version="1", init=init,
+    )  # fmt: skip
     shutil.rmtree(checkpoints, ignore_errors=True)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy as safetensors_numpy
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from xkt.shared.artifact import load_artifact
@@ -91,6 +91,19 @@ class FederationConfig:
         return cfg
 
 
+@dataclass(frozen=True)
+class Shipment:
+    """The verified source artifact as it travels, read from disk once per run.
+
+    ``sha256`` is the weights digest the signed manifest names (what sites cache it under);
+    ``files`` are the manifest and signature bytes, ``weights`` the weights file as uint8.
+    """
+
+    sha256: str
+    files: dict[str, bytes]
+    weights: ArrayRecord
+
+
 @dataclass
 class RoundRecord:
     """What one round did, as the round table shows it."""
@@ -118,18 +131,19 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> list[RoundRecord]:
     """All rounds, then the final parameters to every site; returns the round records."""
     model_dir, out = Path(cfg.model_dir), Path(cfg.out_dir)
     source = load_artifact(model_dir, [load_public_key(Path(cfg.owner_key))])  # never send an unverified model
+    shipment = Shipment(source.manifest.weights.sha256, *artifact_payload(model_dir))  # read once, sent to each site
     names = shared_names(source.model, keep_bn_affine_local=cfg.keep_bn_affine_local)
     global_shared, _ = split_state(source.model.state_dict(), names)
     served: set[int] = set()  # sites that have the artifact
     seen: set[int] = set()  # sites that took part in any round so far
     records: list[RoundRecord] = []
     for round_number in range(1, cfg.rounds + 1):
-        record, replies = _round(grid, cfg, round_number, global_shared, model_dir, (served, seen))
+        record, replies = _round(grid, cfg, round_number, global_shared, shipment, (served, seen))
         global_shared = weighted_average(replies)
         records.append(record)
         _write_rounds(out, cfg, records)
         print(round_table(records[-1:], header=round_number == 1), flush=True)
-    _finish(grid, cfg, global_shared, model_dir, served)
+    _finish(grid, cfg, global_shared, shipment, served)
     _save_shared(out, global_shared)
     return records
 
@@ -139,7 +153,7 @@ def _round(
     cfg: FederationConfig,
     round_number: int,
     global_shared: dict[str, np.ndarray],
-    model_dir: Path,
+    shipment: Shipment,
     sites: tuple[set[int], set[int]],
 ) -> tuple[RoundRecord, list[tuple[dict[str, np.ndarray], float]]]:
     """Send one round to every connected site and gather a quorum of replies."""
@@ -147,7 +161,7 @@ def _round(
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.join_timeout_s, expected=seen, grace_s=cfg.rejoin_grace_s)
     seen.update(nodes)
     started = time.monotonic()
-    messages = [_message(cfg, ADAPT, node, round_number, global_shared, model_dir, served) for node in nodes]
+    messages = [_message(cfg, ADAPT, node, round_number, global_shared, shipment, served) for node in nodes]
     ids = dict(zip(grid.push_messages(messages), nodes, strict=True))
     replies = collect_replies(grid, ids, cfg.min_sites, cfg.straggler_timeout_s, cfg.round_timeout_s, started)
     record = RoundRecord(round=round_number, sites=len(nodes), replied=0)
@@ -221,7 +235,7 @@ def _message(
     node: int,
     round_number: int,
     shared: dict[str, np.ndarray],
-    model_dir: Path,
+    shipment: Shipment,
     served: set[int],
 ) -> Message:
     """One site's message: settings, shared parameters, and the artifact if the site has not had it."""
@@ -230,7 +244,7 @@ def _message(
         "method": cfg.method,
         "local-epochs": cfg.local_epochs,
         "seed": cfg.seed,
-        "artifact-sha256": load_artifact_sha(model_dir),
+        "artifact-sha256": shipment.sha256,
         "dp-clip-norm": cfg.dp_clip_norm,
         "dp-noise-multiplier": cfg.dp_noise_multiplier,
         "keep-bn-affine-local": cfg.keep_bn_affine_local,
@@ -238,27 +252,21 @@ def _message(
     }
     content = RecordDict({SHARED: to_array_record(shared)})
     if node not in served:
-        small, weights = artifact_payload(model_dir)
-        settings |= small
-        content[ARTIFACT] = weights
+        settings |= shipment.files
+        content[ARTIFACT] = shipment.weights
         served.add(node)
     content[CONFIG] = ConfigRecord(settings)
     ttl = max(60.0, cfg.round_timeout_s)  # a message never outlives its round by much
     return Message(content, dst_node_id=node, message_type=kind, ttl=ttl)
 
 
-def load_artifact_sha(model_dir: Path) -> str:
-    """The weights digest the signed manifest names (what sites cache the artifact under)."""
-    return str(json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))["weights"]["sha256"])
-
-
 def _finish(
-    grid: Grid, cfg: FederationConfig, shared: dict[str, np.ndarray], model_dir: Path, served: set[int]
+    grid: Grid, cfg: FederationConfig, shared: dict[str, np.ndarray], shipment: Shipment, served: set[int]
 ) -> None:
     """Send the final parameters; each site publishes its adapted model (bounded wait, best effort)."""
     nodes = sorted(grid.get_node_ids())
     final_round = cfg.rounds + 1
-    messages = [_message(cfg, FINISH, node, final_round, shared, model_dir, served) for node in nodes]
+    messages = [_message(cfg, FINISH, node, final_round, shared, shipment, served) for node in nodes]
     ids = dict(zip(grid.push_messages(messages), nodes, strict=True))
     replies = collect_replies(grid, ids, len(nodes), cfg.straggler_timeout_s, cfg.straggler_timeout_s, time.monotonic())
     done = sum(not reply.has_error() for reply in replies.values())

@@ -31,6 +31,7 @@ from typing import Any
 from xkt.server.federated_server import FederationConfig
 from xkt.server.fleet_proxy import FleetProxy, FleetProxyConfig
 from xkt.server.superlink import CONNECTION, SuperLink, SuperLinkConfig, register_site
+from xkt.shared.config import toml_value
 from xkt.shared.errors import ConfigError, TransportError
 from xkt.shared.flower_process import flower_env, stop_group
 
@@ -156,16 +157,7 @@ def _default_timeout(cfg: FederationConfig) -> float:
 
 def _toml(values: dict[str, Any]) -> str:
     """Flower's run config as TOML (hyphenated keys, as the bundle's pyproject declares them)."""
-    lines = []
-    for name, value in values.items():
-        key = name.replace("_", "-")
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            lines.append(f"{key} = {value!r}")
-        else:
-            lines.append(f"{key} = {json.dumps(str(value))}")
-    return "\n".join(lines) + "\n"
+    return "".join(f"{name.replace('_', '-')} = {toml_value(value)}\n" for name, value in values.items())
 
 
 def read_site_keys(paths: Sequence[Path]) -> tuple[Path, ...]:

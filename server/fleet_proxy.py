@@ -66,7 +66,7 @@ from cryptography.hazmat.primitives import serialization
 from xkt.shared.addresses import is_loopback
 from xkt.shared.errors import ConfigError, TransportError
 from xkt.shared.files import replace_file
-from xkt.shared.flower_process import die_with_parent
+from xkt.shared.flower_process import die_with_parent, free_port
 from xkt.shared.tls import check_key_permissions, load_cert
 
 FLOWER_REQUEST_TIMEOUT_S = 30
@@ -414,15 +414,6 @@ def presents_cert(host: str, port: int, expected_der: bytes, timeout_s: float = 
         return False
 
 
-def free_port(host: str) -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to 0, read it, close)."""
-    host = _probe_host(host) if host == "*" else host.strip("[]")
-    family = socket.AF_INET6 if _is_ip(host) and ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 class FleetProxy:
     """nginx in front of the SuperLink for the life of a ``with`` block (or between start and stop).
 
@@ -477,7 +468,9 @@ class FleetProxy:
         load_cert(self.cfg.upstream_ca)
         attempts = _FREE_PORT_ATTEMPTS if self.cfg.listen_port == 0 else 1
         for attempt in range(attempts):
-            port = self.cfg.listen_port or free_port(self.cfg.listen_host)
+            port = self.cfg.listen_port or free_port(
+                _probe_host("*") if self.cfg.listen_host == "*" else self.cfg.listen_host
+            )
             try:
                 self._start_on(nginx, replace(self.cfg, listen_port=port), expected)
                 return

@@ -20,11 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
-from xkt.shared.artifact import LoadedArtifact
+from xkt.shared.artifact import InputSpec, LoadedArtifact, Manifest, save_artifact
 from xkt.shared.config import to_dict
-from xkt.shared.data import RGB, ImageDataset, Preprocess, class_names, labelled_dataset, read_labels, read_raw
+from xkt.shared.data import (
+    RGB,
+    ImageDataset,
+    Preprocess,
+    class_names,
+    fingerprint,
+    labelled_dataset,
+    read_labels,
+    read_raw,
+)
 from xkt.shared.errors import ConfigError, DataError
 from xkt.shared.evaluation import accuracy
 from xkt.shared.models import ArchSpec, SourceClassifier, build_model, resolve_arch
@@ -154,6 +164,47 @@ def image_size(csv_path: Path) -> int:
     if height != width:
         raise DataError(f"{rows[0].path} is {width}x{height}", hint="use square images", reason="not-square")
     return int(height)
+
+
+def save_source(
+    trained: TrainedSource,
+    cfg: SourceTrainConfig,
+    data_dir: Path,
+    *,
+    out_dir: Path,
+    private_key: Ed25519PrivateKey,
+    model_id: str,
+    model_version: str,
+    init: BackboneInit | None = None,
+    init_artifact: str | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Sign and write the trained source model, its provenance naming config, data and initial weights."""
+    rows = read_labels(data_dir / "owner" / "train" / "labels.csv")
+    spec = trained.preprocess
+    started_from: dict[str, str] | None = None
+    if init is not None:
+        started_from = {"weights_sha256": init.weights_sha256}
+        started_from |= {"artifact": init_artifact} if init_artifact is not None else {}
+    return save_artifact(
+        trained.model,
+        out_dir=out_dir,
+        private_key=private_key,
+        model_id=model_id,
+        model_version=model_version,
+        arch=trained.arch,
+        class_names=trained.class_names,
+        input_spec=InputSpec("rgb", 3, spec.size, spec.mean, spec.std),
+        provenance={
+            "kind": "source",
+            "recipe": "shot-source",
+            "config": to_dict(cfg),
+            "init": started_from,
+            "data_fingerprint": fingerprint([r.path for r in rows], data_dir),
+            "metrics": {k: v for k, v in trained.metrics.items() if k != "history"},
+        },
+        overwrite=overwrite,
+    )
 
 
 # ----------------------------------------------------------------------- the loop

@@ -53,7 +53,7 @@ def to_toml(config: Any) -> str:
         if dataclasses.is_dataclass(value):
             tables.append((field.name, value))
         else:
-            scalars.append(f"{field.name} = {_toml_value(value)}")
+            scalars.append(f"{field.name} = {toml_value(value)}")
     lines = scalars
     for name, table in tables:
         body = to_toml(table).replace("\n[", f"\n[{name}.")
@@ -151,17 +151,19 @@ def _near_miss(key: str, known: list[str], where: str) -> str:
     return f"valid keys here: {', '.join(where + k for k in sorted(known))}"
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One value in TOML literal syntax (strings escaped, control characters as \\uXXXX)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + "".join(c if " " <= c != "\x7f" else f"\\u{ord(c):04x}" for c in escaped) + '"'
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     if value is None:
         raise ConfigError("None cannot be written to TOML", hint="give the field a value")
     raise ConfigError(f"cannot write {type(value).__name__} to TOML", hint="use plain types in configs")

@@ -36,19 +36,12 @@ from pathlib import Path
 import pytest
 
 from xkt.server.provision import PkiPaths, init_pki
-from xkt.shared.flower_process import flower_env  # the product's own: tests start Flower the same way
+from xkt.shared.flower_process import flower_env, free_port  # the product's own: tests start Flower the same way
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
 START_ATTEMPTS = 3  # a free port can be taken between choosing it and binding it
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def tls_context(ca: Path | None) -> ssl.SSLContext:

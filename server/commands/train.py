@@ -8,11 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from xkt.server.source_training import SourceTrainConfig, backbone_init, train_source
-from xkt.shared.artifact import InputSpec, load_artifact, save_artifact
+from xkt.server.source_training import SourceTrainConfig, backbone_init, save_source, train_source
+from xkt.shared.artifact import load_artifact
 from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, command
-from xkt.shared.config import load_config, to_dict
-from xkt.shared.data import fingerprint, read_labels
+from xkt.shared.config import load_config
 from xkt.shared.errors import DataError
 from xkt.shared.log import emit_json, progress_bar, stderr_console
 from xkt.shared.signing import load_private_key, load_public_key
@@ -82,32 +81,16 @@ def train(
             trained = train_source(
                 data, cfg, checkpoints or out.with_name(out.name + ".ckpt"), resume=resume, progress=report, init=start
             )
-        train_rows = read_labels(data / "owner" / "train" / "labels.csv")
-        manifest = save_artifact(
-            trained.model,
+        manifest = save_source(
+            trained,
+            cfg,
+            data,
             out_dir=out,
             private_key=private_key,
             model_id=model_id,
             model_version=model_version,
-            arch=trained.arch,
-            class_names=trained.class_names,
-            input_spec=InputSpec(
-                modality="rgb",
-                channels=3,
-                size=trained.preprocess.size,
-                mean=trained.preprocess.mean,
-                std=trained.preprocess.std,
-            ),
-            provenance={
-                "kind": "source",
-                "recipe": "shot-source",
-                "config": to_dict(cfg),
-                "init": None
-                if start is None
-                else {"artifact": init.name if init else "", "weights_sha256": start.weights_sha256},
-                "data_fingerprint": fingerprint([r.path for r in train_rows], data),
-                "metrics": {k: v for k, v in trained.metrics.items() if k != "history"},
-            },
+            init=start,
+            init_artifact=init.name if init else None,
             overwrite=overwrite,
         )
         result = {"ok": True, "artifact": str(out), "weights_sha256": manifest.weights.sha256, **trained.metrics}
