@@ -6,6 +6,7 @@ site's ``out`` folder (node config), never in the message:
 
     OUT/artifacts/<sha256>/   the owner's signed source model, verified when it arrived
     OUT/local.safetensors     the site's whole current model, BatchNorm statistics included
+    OUT/secure-update.safetensors  under SecAgg+: this round's update, until it is collected masked
     OUT/rounds.jsonl          what each round did (kept at the site)
     OUT/adapted/, report.*    after the last round: the site-signed adapted model and its report
 
@@ -14,11 +15,14 @@ first (owner key, method, app pin), before the artifact is looked at and before 
 site image is read; the artifact is verified against the owner key the site itself holds;
 local training runs the same trainer as ``xkt-client adapt``; then only the shared float
 parameters go back (BatchNorm statistics stay: FedBN), optionally clipped and noised, and
-only the metrics the policy lets leave.
+only the metrics the policy lets leave.  Under secure aggregation the update stays on disk
+and leaves only masked, in the SecAgg+ hops that follow (:func:`secure_update`, through
+Flower's ``secaggplus_mod``); the owner can unmask nothing but the sum over the sites.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,8 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy as safetensors_numpy
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from xkt.client.trainer import AdaptConfig, adapt  # adapt refuses a method that needs pairs the site lacks
@@ -64,16 +74,19 @@ from xkt.shared.site_policy import (
     check_method,
     check_owner,
     check_request,
+    check_secure_aggregation,
     check_upload,
     filter_metrics,
     load_policy,
 )
 
 logger = logging.getLogger("xkt")
-app = ClientApp()
+app = ClientApp(mods=[secaggplus_mod])  # the mod handles only SecAgg+'s "train" hops; other messages pass through
 
 FAB_HASH_ENV = "XKT_FAB_SHA256"  # set by the site's guard (xkt.client.flower_guard) after it checked the pin
 LOCAL_STATE = "local.safetensors"
+SECURE_UPDATE = "secure-update.safetensors"
+SECAGG_WIRE_FACTOR = 2  # Flower's SecAgg+ masks values as int64 (mod 2^32): twice the float32 bytes
 NODE_FILE = "node.json"  # read back by xkt.client.supernode.known_node_id
 
 
@@ -86,7 +99,36 @@ class SiteSetup:
     owner_key: Path
     site_key: Path
     threads: int = 0
-    simulation: bool = False  # set only by `xkt-bench federated` for its virtual sites
+    simulation: bool = False  # a virtual site of Flower's simulation engine (`xkt-bench federated`)
+
+    @classmethod
+    def from_context(cls, context: Context) -> SiteSetup:
+        """A real site's setup from its node config; a virtual site's from the simulation's run config.
+
+        Flower's simulation engine gives each virtual node only ``partition-id``; its folders are
+        ``<simulation-root>/site-<partition-id>/{site,out}``, laid out by ``xkt-bench federated``.
+        A SuperNode started by ``xkt-client join`` never has a ``partition-id``, so an owner's run
+        config cannot point a real site at other folders.
+        """
+        node = dict(context.node_config)
+        if "partition-id" not in node:
+            return cls.from_node_config(node)
+        root = str(context.run_config.get("simulation-root", ""))
+        if not root:
+            raise ConfigError(
+                "a simulated node got a run config without simulation-root",
+                hint="run virtual sites with `xkt-bench federated`, which lays out their folders",
+                reason="bad-node-config",
+            )
+        home = Path(root) / f"site-{int(node['partition-id'])}"
+        return cls(
+            site=home / "site",
+            out=home / "out",
+            owner_key=Path(str(context.run_config["owner-key"])),
+            site_key=home / "out" / "site-key" / "owner.key",
+            threads=1,
+            simulation=True,
+        )
 
     @classmethod
     def from_node_config(cls, config: dict[str, Any]) -> SiteSetup:
@@ -97,7 +139,6 @@ class SiteSetup:
                 owner_key=Path(str(config["owner-key"])),
                 site_key=Path(str(config.get("site-key", Path(str(config["out"])) / "site-key" / "owner.key"))),
                 threads=int(config.get("threads", 0)),
-                simulation=bool(config.get("simulation", False)),
             )
         except (KeyError, ValueError) as error:
             raise ConfigError(
@@ -121,6 +162,8 @@ class RoundSettings:
     dp_noise_multiplier: float
     keep_bn_affine_local: bool
     overrides: tuple[str, ...]
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = 8.0
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundSettings:
@@ -135,6 +178,8 @@ class RoundSettings:
             dp_noise_multiplier=float(record.get("dp-noise-multiplier", 0.0)),  # type: ignore[arg-type]
             keep_bn_affine_local=bool(record.get("keep-bn-affine-local", False)),
             overrides=tuple(o for o in overrides.split(";") if o.strip()),
+            secure_aggregation=bool(record.get("secure-aggregation", False)),
+            secagg_clipping_range=float(record.get("secagg-clipping-range", 8.0)),  # type: ignore[arg-type]
         )
 
 
@@ -143,7 +188,7 @@ class RoundSettings:
 
 def adapt_round(msg: Message, context: Context) -> Message:
     """One round: policy, artifact, merge the global parameters, adapt locally, reply with the update."""
-    setup = SiteSetup.from_node_config(dict(context.node_config))
+    setup = SiteSetup.from_context(context)
     _record_node(setup.out, context.node_id)
     settings = RoundSettings.from_record(msg.content.config_records[CONFIG])
     policy = _admit(setup, settings)  # before the artifact is verified and before any site data is read
@@ -157,23 +202,45 @@ def adapt_round(msg: Message, context: Context) -> Message:
     _save_local(setup.out, adapted)
     upload = _upload(adapted, names, global_shared, settings, policy)
     metrics = {"num-examples": float(examples), "train-seconds": seconds, **signals, **_eval(setup, source, adapted)}
-    _log_round(setup.out, settings, metrics, update_bytes(upload))
+    local_digest = local_state_sha256(adapted, names)
+    _log_round(setup.out, settings, metrics, wire_bytes(upload, settings), local_digest)
     allowed = filter_metrics(policy, {k.replace("-", "_"): v for k, v in metrics.items()})
     allowed["num-examples"] = float(examples)  # the aggregation weight always travels
-    reply = RecordDict({SHARED: to_array_record(upload), METRICS: MetricRecord(_metric_record(allowed))})
+    reply = RecordDict({METRICS: MetricRecord(_metric_record(allowed))})
+    if settings.secure_aggregation:  # the update leaves only masked, in the SecAgg+ hops (secure_update)
+        _keep_secure_update(setup.out, settings, {k: upload[k] - global_shared[k] for k in names}, examples)
+    else:
+        reply[SHARED] = to_array_record(upload)
     return Message(reply, reply_to=msg)
+
+
+def secure_update(msg: Message, context: Context) -> Message:
+    """SecAgg+'s masking hop asks for this round's update: the one kept on disk, as a legacy FitRes.
+
+    Flower's ``secaggplus_mod`` calls this between its key exchange and its unmasking, masks
+    the arrays returned here and sends only the masked vector.  The round's settings come
+    again in the request, so the policy is checked once more before anything is read.
+    """
+    setup = SiteSetup.from_context(context)
+    fit = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    settings = RoundSettings.from_record(ConfigRecord(dict(fit.config)))
+    _admit(setup, settings)
+    update, examples = _read_secure_update(setup.out, settings.round)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), examples, {})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 def finish(msg: Message, context: Context) -> Message:
     """After the last round: take the final global parameters, publish the adapted model and the report."""
-    setup = SiteSetup.from_node_config(dict(context.node_config))
+    setup = SiteSetup.from_context(context)
     settings = RoundSettings.from_record(msg.content.config_records[CONFIG])
     policy = _admit(setup, settings)
     source = _source_artifact(msg, setup, settings)
     model = _current_model(setup, source, msg, settings)
     _save_local(setup.out, model)
     scores = _eval(setup, source, model)
-    _publish(setup, source, model, settings, scores)
+    names = shared_names(model, keep_bn_affine_local=settings.keep_bn_affine_local)
+    _publish(setup, source, model, settings, scores, local_state_sha256(model, names))
     allowed = filter_metrics(policy, {k.replace("-", "_"): v for k, v in scores.items()})
     allowed["num-examples"] = float(len(list_images(setup.site / "target")))
     reply = RecordDict({METRICS: MetricRecord(_metric_record(allowed))})
@@ -182,6 +249,7 @@ def finish(msg: Message, context: Context) -> Message:
 
 # Registered without rebinding the names, so the handlers stay plain functions callable in tests.
 app.train("adapt")(adapt_round)
+app.train()(secure_update)  # reached only through secaggplus_mod's masking hop
 app.evaluate("finish")(finish)
 
 
@@ -210,6 +278,7 @@ def _admit(setup: SiteSetup, settings: RoundSettings) -> SitePolicy:
             hint="start the site with `xkt-client join`, which runs every bundle through the guard",
             reason="app-not-verified",
         )
+    check_secure_aggregation(policy, settings.secure_aggregation)
     if settings.dp_noise_multiplier < policy.min_dp_noise_multiplier:
         check_upload(policy, 0, settings.dp_noise_multiplier)  # the DP rule refuses now, before any training
     if policy.max_upload_bytes == 0:
@@ -285,8 +354,64 @@ def _upload(
         rng = np.random.default_rng()  # fresh OS entropy: predictable noise could be subtracted again
         noisy = privatise_update(delta, settings.dp_clip_norm, settings.dp_noise_multiplier, rng)
         shared = {k: (global_shared[k] + noisy[k]).astype(np.float32) for k in names}
-    check_upload(policy, update_bytes(shared), settings.dp_noise_multiplier)
+    check_upload(policy, wire_bytes(shared, settings), settings.dp_noise_multiplier)
     return shared
+
+
+def wire_bytes(upload: dict[str, np.ndarray], settings: RoundSettings) -> int:
+    """What the update costs on the wire: SecAgg+ sends each float32 value masked as an int64."""
+    return update_bytes(upload) * (SECAGG_WIRE_FACTOR if settings.secure_aggregation else 1)
+
+
+def _keep_secure_update(out: Path, settings: RoundSettings, update: dict[str, np.ndarray], examples: int) -> None:
+    """This round's update at the site, for SecAgg+ to collect masked; refused if SecAgg+ would clip it.
+
+    SecAgg+ clips each weighted value to ±clipping-range before quantising, silently; an update
+    that large means something went wrong, and averaging clipped values would hide it.
+    """
+    largest = max((float(np.max(np.abs(array))) for array in update.values() if array.size), default=0.0)
+    if not largest <= settings.secagg_clipping_range:
+        raise ConfigError(
+            f"the round's update reaches {largest:.3g}, beyond SecAgg+'s clipping range {settings.secagg_clipping_range}",
+            hint="the owner can raise --secagg-clip (coarser quantisation) or lower the learning rate",
+            reason="secagg-range",
+        )
+    metadata = {"round": str(settings.round), "examples": str(examples), "names": json.dumps(list(update))}
+    replace_file(out / SECURE_UPDATE, safetensors_numpy.save(update, metadata=metadata))
+
+
+def _read_secure_update(out: Path, round_number: int) -> tuple[list[np.ndarray], int]:
+    """The kept update of ``round_number`` in shared-name order, and its example count."""
+    path = out / SECURE_UPDATE
+    metadata = _safetensors_metadata(path) if path.is_file() else {}
+    if metadata.get("round") != str(round_number):
+        raise ConfigError(
+            f"this site has no update kept for round {round_number}",
+            hint="the site lost its out folder or restarted mid-round; it takes part again next round",
+            reason="missing-update",
+        )
+    arrays = safetensors_numpy.load_file(path)
+    return [arrays[name] for name in json.loads(metadata["names"])], int(metadata["examples"])
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="numpy") as handle:
+        return dict(handle.metadata() or {})
+
+
+def local_state_sha256(model: SourceClassifier, names: list[str]) -> str:
+    """SHA-256 over the tensors that never leave the site (BN statistics, integer buffers, ...).
+
+    Written to rounds.jsonl after local training and to report.json after the final merge:
+    equal digests show that aggregation touched none of them.
+    """
+    shared = set(names)
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name not in shared:
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _eval(setup: SiteSetup, source: LoadedArtifact, model: SourceClassifier) -> dict[str, float]:
@@ -308,8 +433,15 @@ def _save_local(out: Path, model: SourceClassifier) -> None:
     os.replace(staging, out / LOCAL_STATE)
 
 
-def _log_round(out: Path, settings: RoundSettings, metrics: dict[str, float], upload: int) -> None:
-    line = {"round": settings.round, "method": settings.method, "upload_bytes": upload, **metrics}
+def _log_round(out: Path, settings: RoundSettings, metrics: dict[str, float], upload: int, local_sha256: str) -> None:
+    line = {
+        "round": settings.round,
+        "method": settings.method,
+        "upload_bytes": upload,
+        "secure_aggregation": settings.secure_aggregation,
+        "local_sha256": local_sha256,
+        **metrics,
+    }
     with (out / "rounds.jsonl").open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(line, sort_keys=True) + "\n")
 
@@ -319,7 +451,12 @@ def _metric_record(metrics: dict[str, float]) -> dict[str, int | float | list[in
 
 
 def _publish(
-    setup: SiteSetup, source: LoadedArtifact, model: SourceClassifier, settings: RoundSettings, scores: dict[str, Any]
+    setup: SiteSetup,
+    source: LoadedArtifact,
+    model: SourceClassifier,
+    settings: RoundSettings,
+    scores: dict[str, Any],
+    local_sha256: str,
 ) -> None:
     """OUT/adapted (signed with the site's own key) and OUT/report.json, as ``xkt-client adapt`` writes them."""
     if not setup.site_key.is_file():
@@ -357,5 +494,6 @@ def _publish(
         "adapted_sha256": adapted.weights.sha256,
         "rounds": rounds,
         "accuracy_after": scores.get("accuracy"),
+        "local_sha256": local_sha256,
     }
     replace_file(setup.out / "report.json", (json.dumps(report, indent=1, sort_keys=True) + "\n").encode("utf-8"))

@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 import safetensors.numpy as safetensors_numpy
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import Scalar
 from flwr.serverapp import Grid, ServerApp
 
+from xkt.server.secure_aggregation import SecureRound, secure_mean
 from xkt.shared.artifact import load_artifact
 from xkt.shared.config import from_mapping
 from xkt.shared.errors import ConfigError
@@ -50,7 +52,7 @@ from xkt.shared.federated_wire import (
     from_array_record,
     to_array_record,
 )
-from xkt.shared.federation import shared_names, split_state, weighted_average
+from xkt.shared.federation import Arrays, shared_names, split_state, weighted_average
 from xkt.shared.files import replace_file
 from xkt.shared.signing import load_public_key
 
@@ -79,6 +81,10 @@ class FederationConfig:
     dp_noise_multiplier: float = 0.0  # ... and add Gaussian noise of std multiplier × clip norm
     keep_bn_affine_local: bool = False  # full FedBN: BN weight/bias stay local too
     overrides: str = ""  # adaptation config for the sites, "key=value;key=value"
+    secure_aggregation: bool = False  # SecAgg+: the owner learns only the weighted sum of the updates
+    secagg_clipping_range: float = 8.0  # |weighted update| bound of SecAgg+'s quantisation; beyond it a site refuses
+    secagg_reconstruction_threshold: float = 0.67  # share of the sites' key shares needed to unmask (dropout tolerance)
+    simulation_root: str = ""  # only `xkt-bench federated`: where its virtual sites' folders are
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FederationConfig:
@@ -87,6 +93,12 @@ class FederationConfig:
         if cfg.rounds < 1 or cfg.min_sites < 1 or cfg.local_epochs < 1:
             raise ConfigError(
                 "rounds, min-sites and local-epochs must be >= 1", hint="fix --rounds/--min-sites/--local-epochs"
+            )
+        if not cfg.secagg_clipping_range > 0 or not 0 < cfg.secagg_reconstruction_threshold <= 1:
+            raise ConfigError(
+                f"secagg-clipping-range {cfg.secagg_clipping_range} must be > 0 and "
+                f"secagg-reconstruction-threshold {cfg.secagg_reconstruction_threshold} in (0, 1]",
+                hint="fix --secagg-clip/--secagg-threshold",
             )
         return cfg
 
@@ -114,6 +126,7 @@ class RoundRecord:
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     local_seconds_max: float = 0.0
+    secure_seconds: float = 0.0  # of `seconds`: the SecAgg+ hops after local training
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # node id → metrics
 
 
@@ -139,7 +152,10 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> list[RoundRecord]:
     records: list[RoundRecord] = []
     for round_number in range(1, cfg.rounds + 1):
         record, replies = _round(grid, cfg, round_number, global_shared, shipment, (served, seen))
-        global_shared = weighted_average(replies)
+        if cfg.secure_aggregation:
+            global_shared = _secure_step(grid, cfg, record, replies, global_shared, shipment.sha256)
+        else:
+            global_shared = weighted_average(list(replies.values()))
         records.append(record)
         _write_rounds(out, cfg, records)
         print(round_table(records[-1:], header=round_number == 1), flush=True)
@@ -155,8 +171,12 @@ def _round(
     global_shared: dict[str, np.ndarray],
     shipment: Shipment,
     sites: tuple[set[int], set[int]],
-) -> tuple[RoundRecord, list[tuple[dict[str, np.ndarray], float]]]:
-    """Send one round to every connected site and gather a quorum of replies."""
+) -> tuple[RoundRecord, dict[int, tuple[Arrays, float]]]:
+    """Send one round to every connected site and gather a quorum of replies: node → (shared arrays, examples).
+
+    Under secure aggregation the replies carry metrics only (the arrays are empty): the
+    updates stay at the sites until SecAgg+ collects them masked (:func:`_secure_step`).
+    """
     served, seen = sites
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.join_timeout_s, expected=seen, grace_s=cfg.rejoin_grace_s)
     seen.update(nodes)
@@ -165,14 +185,15 @@ def _round(
     ids = dict(zip(grid.push_messages(messages), nodes, strict=True))
     replies = collect_replies(grid, ids, cfg.min_sites, cfg.straggler_timeout_s, cfg.round_timeout_s, started)
     record = RoundRecord(round=round_number, sites=len(nodes), replied=0)
-    updates: list[tuple[dict[str, np.ndarray], float]] = []
+    updates: dict[int, tuple[Arrays, float]] = {}
     for node, reply in replies.items():
         if reply.has_error():
             record.failed.append(f"{node}: {reply.error.reason}")
             served.discard(node)  # it may have lost its copy; resend the artifact next time
             continue
         metrics = {k: float(v) for k, v in reply.content.metric_records[METRICS].items()}  # type: ignore[arg-type]
-        updates.append((from_array_record(reply.content.array_records[SHARED]), metrics["num-examples"]))
+        arrays = {} if cfg.secure_aggregation else from_array_record(reply.content.array_records[SHARED])
+        updates[node] = (arrays, metrics["num-examples"])
         record.metrics[str(node)] = metrics
         record.local_seconds_max = max(record.local_seconds_max, metrics.get("train-seconds", 0.0))
     record.failed += [f"{node}: no reply" for node in nodes if node not in replies]
@@ -239,17 +260,7 @@ def _message(
     served: set[int],
 ) -> Message:
     """One site's message: settings, shared parameters, and the artifact if the site has not had it."""
-    settings: dict[str, Any] = {
-        "round": round_number,
-        "method": cfg.method,
-        "local-epochs": cfg.local_epochs,
-        "seed": cfg.seed,
-        "artifact-sha256": shipment.sha256,
-        "dp-clip-norm": cfg.dp_clip_norm,
-        "dp-noise-multiplier": cfg.dp_noise_multiplier,
-        "keep-bn-affine-local": cfg.keep_bn_affine_local,
-        "overrides": cfg.overrides,
-    }
+    settings: dict[str, Any] = round_settings(cfg, round_number, shipment.sha256)
     content = RecordDict({SHARED: to_array_record(shared)})
     if node not in served:
         settings |= shipment.files
@@ -258,6 +269,47 @@ def _message(
     content[CONFIG] = ConfigRecord(settings)
     ttl = max(60.0, cfg.round_timeout_s)  # a message never outlives its round by much
     return Message(content, dst_node_id=node, message_type=kind, ttl=ttl)
+
+
+def round_settings(cfg: FederationConfig, round_number: int, artifact_sha256: str) -> dict[str, Scalar]:
+    """What a site is asked to do this round (its ConfigRecord; read by ``RoundSettings`` at the site)."""
+    return {
+        "round": round_number,
+        "method": cfg.method,
+        "local-epochs": cfg.local_epochs,
+        "seed": cfg.seed,
+        "artifact-sha256": artifact_sha256,
+        "dp-clip-norm": cfg.dp_clip_norm,
+        "dp-noise-multiplier": cfg.dp_noise_multiplier,
+        "keep-bn-affine-local": cfg.keep_bn_affine_local,
+        "overrides": cfg.overrides,
+        "secure-aggregation": cfg.secure_aggregation,
+        "secagg-clipping-range": cfg.secagg_clipping_range,
+    }
+
+
+def _secure_step(
+    grid: Grid,
+    cfg: FederationConfig,
+    record: RoundRecord,
+    replies: dict[int, tuple[Arrays, float]],
+    global_shared: Arrays,
+    artifact_sha256: str,
+) -> Arrays:
+    """The round's new global parameters from SecAgg+ over the sites that replied (global + mean update)."""
+    started = time.monotonic()
+    request = SecureRound(
+        round=record.round,
+        examples={node: examples for node, (_, examples) in replies.items()},
+        settings=round_settings(cfg, record.round, artifact_sha256),
+        clipping_range=cfg.secagg_clipping_range,
+        reconstruction_threshold=cfg.secagg_reconstruction_threshold,
+        timeout_s=cfg.straggler_timeout_s,
+    )
+    mean_update = secure_mean(grid, request, {name: array.shape for name, array in global_shared.items()})
+    record.secure_seconds = time.monotonic() - started
+    record.seconds += record.secure_seconds
+    return {name: (array + mean_update[name]).astype(np.float32) for name, array in global_shared.items()}
 
 
 def _finish(

@@ -61,6 +61,9 @@ class SitePolicy:
     min_dp_noise_multiplier: float = 0.0
     """The site refuses to upload an update whose DP noise multiplier is below this (0.0: no DP required)."""
 
+    require_secure_aggregation: bool = False
+    """The site uploads its update only masked by SecAgg+, so the owner sees nothing but the sites' sum."""
+
     def __post_init__(self) -> None:
         _check_values(self)
 
@@ -189,6 +192,18 @@ def check_upload(policy: SitePolicy, nbytes: int, noise_multiplier: float) -> No
         )
 
 
+def check_secure_aggregation(policy: SitePolicy, enabled: bool) -> None:
+    """Refuse a plain-text update when the site requires SecAgg+ (reason ``secagg-required``)."""
+    if enabled or not policy.require_secure_aggregation:
+        return
+    raise PolicyError(
+        "site policy rule require_secure_aggregation: this run would upload the site's update unmasked",
+        hint="ask the owner to run with --secure-aggregation, or (weakening the site's privacy) set "
+        f"{_WHERE}: require_secure_aggregation = false",
+        reason="secagg-required",
+    )
+
+
 def filter_metrics(policy: SitePolicy, metrics: Mapping[str, float]) -> dict[str, float]:
     """Only the metrics the site lets leave, in their original order; the rest are dropped, not refused."""
     return {name: value for name, value in metrics.items() if name in policy.metrics}
@@ -228,6 +243,8 @@ def policy_template(owner_fingerprint: str, methods: Sequence[str], app_sha256: 
             _line("metrics", policy.metrics),
             "# Smallest DP noise multiplier an upload must carry; 0.0 requires no DP.",
             f"min_dp_noise_multiplier = {policy.min_dp_noise_multiplier!r}",
+            "# true: upload only through secure aggregation (SecAgg+), never an update the owner can read alone.",
+            f"require_secure_aggregation = {str(policy.require_secure_aggregation).lower()}",
             "",
         ]
     )

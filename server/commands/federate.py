@@ -8,10 +8,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from xkt.client.trainer import AdaptConfig
 from xkt.server.federated_server import FederationConfig
 from xkt.server.federation_runner import FederateRequest, federate, read_site_keys
 from xkt.shared.artifact import load_artifact
-from xkt.shared.cli_support import JsonOption, QuietOption, VerboseOption, command
+from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, command
+from xkt.shared.config import load_config
+from xkt.shared.errors import ConfigError
 from xkt.shared.log import emit_json, stderr_console
 from xkt.shared.signing import load_public_key
 
@@ -62,7 +65,32 @@ def federate_command(
     dp_noise: Annotated[
         float, typer.Option("--dp-noise", min=0.0, help="Gaussian noise std, × --dp-clip.", rich_help_panel=_PRIVACY)
     ] = 0.0,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation",
+            help="SecAgg+: sites upload only masked updates; the owner learns their weighted mean.",
+            rich_help_panel=_PRIVACY,
+        ),
+    ] = False,
+    secagg_clip: Annotated[
+        float,
+        typer.Option(
+            "--secagg-clip", min=0.0, help="SecAgg+ clipping range of an update value.", rich_help_panel=_PRIVACY
+        ),
+    ] = 8.0,
+    secagg_threshold: Annotated[
+        float,
+        typer.Option(
+            "--secagg-threshold",
+            min=0.0,
+            max=1.0,
+            help="Share of key shares needed to unmask (lower tolerates more dropouts).",
+            rich_help_panel=_PRIVACY,
+        ),
+    ] = 0.67,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sites' local training.")] = 0,
+    overrides: SetOption = None,
     json_output: JsonOption = False,
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
@@ -74,6 +102,7 @@ def federate_command(
     """
     with command(json_output=json_output, verbose=verbose, quiet=quiet):
         load_artifact(model, [load_public_key(owner_key)])  # refuse a bad model before starting anything
+        sets = _site_overrides(overrides or [])
         out.mkdir(parents=True, exist_ok=True)
         run = FederationConfig(
             model_dir=str(model.resolve()),
@@ -89,6 +118,10 @@ def federate_command(
             join_timeout_s=join_timeout,
             dp_clip_norm=dp_clip,
             dp_noise_multiplier=dp_noise,
+            overrides=sets,
+            secure_aggregation=secure_aggregation,
+            secagg_clipping_range=secagg_clip,
+            secagg_reconstruction_threshold=secagg_threshold,
         )
         request = FederateRequest(
             work=out.resolve(),
@@ -112,6 +145,14 @@ def federate_command(
             emit_json(result)
         else:
             console.print(_table(result))
+
+
+def _site_overrides(items: list[str]) -> str:
+    """The sites' adaptation overrides as the run config carries them, checked here before any site trains."""
+    if any(";" in item for item in items):
+        raise ConfigError("a --set value contains ';'", hint="pass one key=value per --set", reason="bad-override")
+    load_config(AdaptConfig, overrides=items)  # the same check each site makes, failing here instead of at every site
+    return ";".join(items)
 
 
 def _table(result: dict[str, Any]) -> Table:

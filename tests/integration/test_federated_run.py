@@ -22,10 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
+import torch
+from safetensors import safe_open
 
 from xkt.server.federation_runner import app_sha256
 from xkt.shared.artifact import load_artifact
+from xkt.shared.federation import shared_names, split_state, weighted_average
 from xkt.shared.models import resolve_arch
 from xkt.shared.render import TASK_CLASSES
 from xkt.shared.signing import fingerprint, load_public_key
@@ -83,7 +88,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
 
 
 def make_site(
-    fed: Federation, name: str, index: int, *, methods: tuple[str, ...] = ("shot",), app: str = ""
+    fed: Federation, name: str, index: int, *, methods: tuple[str, ...] = ("shot",), app: str = "", extra: str = ""
 ) -> dict[str, Path]:
     """A site: its data folder with a [policy], a SuperNode key, an output folder."""
     site = fed.root / name / "site"
@@ -95,7 +100,7 @@ def make_site(
         f"allowed_methods = {json.dumps(list(methods))}\n"
         f"app_sha256 = [{json.dumps(app or fed.app_sha256)}]\n"
         "max_upload_bytes = 100000000\n"
-        'metrics = ["num_examples", "accuracy", "im", "mean_entropy", "train_seconds"]\n'
+        'metrics = ["num_examples", "accuracy", "im", "mean_entropy", "train_seconds"]\n' + extra
     )
     with (site / "site.toml").open("a", encoding="utf-8") as handle:
         handle.write(policy)
@@ -252,6 +257,57 @@ def test_a_site_that_did_not_pin_the_bundle_never_unpacks_it(federation: Federat
     assert result["config"]["dp_clip_norm"] == 1.0 and result["config"]["dp_noise_multiplier"] == 0.01
     (line,) = (good["out"] / "rounds.jsonl").read_text().splitlines()
     assert json.loads(line)["upload_bytes"] > 0
+
+
+def test_secure_aggregation_equals_fedavg_and_leaves_integer_buffers_alone(federation: Federation) -> None:
+    """SecAgg+ over two sites: the unmasked mean equals plain FedAvg of their kept updates within 1e-4.
+
+    Each site keeps the update it had masked (``secure-update.safetensors``, its own disk) and
+    its example count, so the plain weighted mean can be recomputed here and compared tensor
+    by tensor with the owner's ``global-shared.safetensors``.  Both sites require secure
+    aggregation in their policy.  Integer buffers and BN statistics never take part: the
+    aggregate names only floating-point shared tensors, and each site's digest of its local
+    tensors after training equals the digest after the final merge.
+    """
+    policy = "require_secure_aggregation = true\n"
+    sites = [make_site(federation, f"secagg{i}", i, extra=policy) for i in (0, 1)]
+    out = federation.root / "run-secagg"
+    args = ["--rounds", "1", "--min-sites", "2", "--local-epochs", "2", "--secure-aggregation"]
+    args += ["--set", "optim.lr=0.1"]  # updates far larger than the 1e-4 tolerance, so the comparison means something
+    owner = start_federate(federation, sites, out, *args)
+    procs = [owner]
+    try:
+        ready = read_json_line(owner, 120)
+        procs += [start_join(federation, site, ready["listen"]) for site in sites]
+        result = finish(owner, 400)
+    finally:
+        stop_all(procs)
+    (record,) = result["rounds"]
+    assert record["replied"] == 2 and not record["failed"] and record["secure_seconds"] > 0, record
+
+    source = load_artifact(federation.model, [load_public_key(federation.owner_pub)]).model
+    names = shared_names(source)
+    start, _ = split_state(source.state_dict(), names)
+    updates = []
+    for site in sites:
+        kept = site["out"] / "secure-update.safetensors"
+        with safe_open(str(kept), framework="numpy") as handle:
+            examples = float(handle.metadata()["examples"])
+        updates.append(({k: start[k] + v for k, v in safetensors_numpy.load_file(kept).items()}, examples))
+    fedavg = weighted_average(updates)
+    secure = safetensors_numpy.load_file(out / "global-shared.safetensors")
+    assert list(secure) == sorted(names) and set(secure) == set(fedavg)
+    for name in names:
+        assert secure[name].dtype == np.float32, name
+        assert np.max(np.abs(secure[name] - fedavg[name])) <= 1e-4, name
+    assert max(np.max(np.abs(secure[k] - start[k])) for k in names) > 1e-3  # the sites moved the model by 10× more
+
+    integer = [k for k, v in source.state_dict().items() if not torch.is_floating_point(v)]
+    assert integer and not set(integer) & set(secure)  # num_batches_tracked never took part
+    for site in sites:
+        report = json.loads((site["out"] / "report.json").read_text())
+        assert report["local_sha256"] == report["rounds"][-1]["local_sha256"]
+        assert report["rounds"][-1]["secure_aggregation"] is True
 
 
 def test_a_killed_join_takes_its_supernode_with_it(federation: Federation) -> None:

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from torch import nn
 
 from xkt.client import federated_client as fc
-from xkt.shared.errors import PolicyError
+from xkt.shared.errors import ConfigError, PolicyError
 from xkt.shared.federated_wire import ADAPT, CONFIG
+from xkt.shared.federation import shared_names
 from xkt.shared.signing import fingerprint, generate_keypair, load_public_key
 
 
@@ -133,3 +137,54 @@ def test_a_site_that_uploads_nothing_takes_no_part(
     with pytest.raises(PolicyError) as caught:
         _call(tmp_path, site, owner, "shot")
     assert caught.value.reason == "upload-too-large"
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round_before_any_data(
+    tmp_path: Path, owner: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fc.FAB_HASH_ENV, "a" * 64)
+    extra = "require_secure_aggregation = true\n"
+    site = _site(tmp_path, methods=["shot"], owner=fingerprint(load_public_key(owner)), extra=extra)
+    with pytest.raises(PolicyError) as caught:
+        _call(tmp_path, site, owner, "shot")
+    assert caught.value.reason == "secagg-required"
+    assert not (tmp_path / "out" / "artifacts").exists()
+    with pytest.raises(ConfigError) as caught_missing:  # the same site takes a secure round (up to the artifact)
+        _call(tmp_path, site, owner, "shot", secure_aggregation=True)
+    assert caught_missing.value.reason == "missing-artifact"
+
+
+def _settings(round_number: int, clip: float = 8.0) -> fc.RoundSettings:
+    record = {"round": round_number, "method": "shot", "local-epochs": 1, "artifact-sha256": "b" * 64}
+    return fc.RoundSettings.from_record(
+        ConfigRecord(record | {"secure-aggregation": True, "secagg-clipping-range": clip})
+    )
+
+
+def test_the_kept_secure_update_comes_back_in_shared_name_order(tmp_path: Path) -> None:
+    update = {"z.weight": np.full((2, 2), 0.5, np.float32), "a.bias": np.array([-1.0, 2.0], np.float32)}
+    fc._keep_secure_update(tmp_path, _settings(3), update, examples=17)
+    arrays, examples = fc._read_secure_update(tmp_path, 3)
+    assert examples == 17
+    assert [a.tolist() for a in arrays] == [[[0.5, 0.5], [0.5, 0.5]], [-1.0, 2.0]]  # z first, as given, not sorted
+    with pytest.raises(ConfigError) as caught:  # a stale update is never sent for another round
+        fc._read_secure_update(tmp_path, 4)
+    assert caught.value.reason == "missing-update"
+
+
+def test_an_update_beyond_the_secagg_clipping_range_is_refused_not_clipped(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        fc._keep_secure_update(tmp_path, _settings(1, clip=1.0), {"w": np.array([0.5, -1.5], np.float32)}, examples=3)
+    assert caught.value.reason == "secagg-range" and "1.5" in str(caught.value)
+    assert not (tmp_path / fc.SECURE_UPDATE).exists()
+
+
+def test_the_local_digest_covers_exactly_what_never_travels() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    names = shared_names(model)
+    before = fc.local_state_sha256(model, names)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # a shared parameter: aggregation may change it
+    assert fc.local_state_sha256(model, names) == before
+    model[1].num_batches_tracked += 1  # an integer buffer: it must not change
+    assert fc.local_state_sha256(model, names) != before

@@ -14,6 +14,7 @@ from xkt.shared.site_policy import (
     check_method,
     check_owner,
     check_request,
+    check_secure_aggregation,
     check_upload,
     filter_metrics,
     load_policy,
@@ -220,3 +221,13 @@ def test_template_refuses_malformed_values() -> None:
     with pytest.raises(ConfigError) as error:
         policy_template("ed25519:nothex", ["shot"], APP)
     assert error.value.reason == "bad-policy"
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_upload() -> None:
+    strict = SitePolicy(require_secure_aggregation=True)
+    check_secure_aggregation(strict, True)
+    check_secure_aggregation(SitePolicy(), False)  # the default does not require it
+    with pytest.raises(PolicyError) as caught:
+        check_secure_aggregation(strict, False)
+    assert caught.value.reason == "secagg-required"
+    assert "--secure-aggregation" in caught.value.hint
