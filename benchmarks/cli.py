@@ -1,4 +1,4 @@
-"""``xkt-bench``: benchmark data, the demo, and accuracy tables (``run``)."""
+"""``xkt-bench``: benchmark data, the demo, accuracy tables (``run``), and simulated federations (``federated``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 
 from xkt.benchmarks.demo import DEFAULT_DEMO_METHODS, PROFILES, run_demo
 from xkt.benchmarks.emoji_run import EmojiPlan, run_emoji_benchmark
+from xkt.benchmarks.federated_commands import federated, federated_table
 from xkt.benchmarks.run import BenchmarkPlan, run_benchmark
 from xkt.client.methods import get_method
 from xkt.shared.cli_support import JsonOption, QuietOption, SetOption, VerboseOption, command, new_app
@@ -223,6 +224,10 @@ def run(
         else:
             stderr_console().print((out / "results.md").read_text(encoding="utf-8"), markup=False)
             stderr_console().print(f"wrote {out / 'results.md'}, {out / 'results.json'}", markup=False)
+
+
+app.command("federated")(federated)
+app.command("federated-table")(federated_table)
 
 
 def main() -> None:

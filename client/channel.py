@@ -30,13 +30,15 @@ from typing import Any
 import grpc  # type: ignore[import-untyped, unused-ignore]  # no stubs in the dev deps yet
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped, unused-ignore]
 
+from xkt.client.tls_diagnosis import explain_handshake_failure
 from xkt.protos import source_model_pb2 as pb
 from xkt.protos import source_model_pb2_grpc as pb_grpc
 from xkt.shared.addresses import is_loopback, split_address
 from xkt.shared.errors import AuthError, ConfigError, TransportError, VerificationError, XktError
 from xkt.shared.files import FileReasons, read_bounded_file
 from xkt.shared.grpc_options import AUTH_METADATA_KEY, STREAM_DEADLINE_S, UNARY_DEADLINE_S, client_options
-from xkt.shared.tls import read_pem_bytes
+from xkt.shared.tls import REASON_METADATA_KEY, REVOKED_REASON
+from xkt.shared.tls_checks import load_tls_identity, load_trust_anchors
 
 TOKEN_ENV = "XKT_TOKEN"
 SERVICE = "xkt.v1.SourceModel"
@@ -44,6 +46,12 @@ CHUNK_IDLE_S = 60.0
 """A weights stream with no chunk for this long is cancelled (and resumed by the caller)."""
 MAX_TOKEN_BYTES = 4096
 _IDEMPOTENT = ("GetManifest", "GetBatchNormStats")
+RECONNECT_BACKOFF: list[tuple[str, int | str]] = [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
+"""One site, one server: after a network cut, notice within 5 s that it healed (gRPC's default waits up to 120 s)."""
 
 
 @dataclass(frozen=True)
@@ -224,12 +232,12 @@ def _service_config(attempts: int) -> str:
 
 
 def _credentials(opts: ChannelOptions) -> grpc.ChannelCredentials:
+    """TLS credentials; the CA and our own certificate + key are checked first (expired, weak, mismatched)."""
     assert opts.ca_cert is not None  # check_options ran
-    root = read_pem_bytes(opts.ca_cert, what="CA certificate")
+    root = load_trust_anchors(opts.ca_cert, what="CA certificate")
     key = chain = None
     if opts.client_cert is not None and opts.client_key is not None:
-        chain = read_pem_bytes(opts.client_cert, what="client certificate")
-        key = read_pem_bytes(opts.client_key, what="client private key", private=True)
+        chain, key = load_tls_identity(opts.client_cert, opts.client_key, what="client certificate")
     creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
     if opts.token:
         creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(_BearerAuth(opts.token)))
@@ -242,7 +250,7 @@ def open_channel(opts: ChannelOptions, interceptors: Sequence[Any] = ()) -> grpc
     ``interceptors`` (for example the egress guard) see every request before it is sent.
     """
     check_options(opts)
-    options: list[tuple[str, int | str]] = [*client_options()]
+    options: list[tuple[str, int | str]] = [*client_options(), *RECONNECT_BACKOFF]
     if opts.unary_attempts >= 2:  # gRPC rejects a retry policy of fewer than two attempts
         options += [("grpc.enable_retries", 1), ("grpc.service_config", _service_config(opts.unary_attempts))]
     if opts.server_name:
@@ -307,6 +315,13 @@ def _closed(opts: ChannelOptions, call: str) -> TransportError:
 def _unavailable(error: grpc.RpcError, opts: ChannelOptions, call: str) -> XktError:
     debug = f"{error.details() or ''} {getattr(error, 'debug_error_string', lambda: '')() or ''}"
     tls = _tls_hint(debug, opts)
+    if not opts.insecure and (tls is not None or "socket closed" in debug.lower()):
+        explained = explain_handshake_failure(
+            opts.server, server_name=opts.server_name, ca_cert=opts.ca_cert, client_cert=opts.client_cert
+        )
+        if explained is not None:  # gRPC's words do not say why; a probe of the server's certificate does
+            message, hint, reason = explained
+            return TransportError(f"{call} to {opts.server}: {message}", hint=hint, reason=reason)
     if tls is not None:
         message, hint, reason = tls
         return TransportError(f"{call} to {opts.server}: {message}", hint=hint, reason=reason)
@@ -325,11 +340,23 @@ def _unavailable(error: grpc.RpcError, opts: ChannelOptions, call: str) -> XktEr
     )
 
 
+def _server_reason(error: grpc.RpcError) -> str:
+    """The ``xkt-reason`` trailer an xkt server attaches to a refusal (a slug, never free text), or ""."""
+    trailers = getattr(error, "trailing_metadata", lambda: None)() or ()
+    return next((str(value) for key, value in trailers if key == REASON_METADATA_KEY), "")
+
+
 def rpc_error(error: grpc.RpcError, opts: ChannelOptions, call: str) -> XktError:
     """The ONE mapping from a gRPC status to an XktError (and so to an exit code)."""
     code, details = error.code(), (error.details() or "")[:200]
     if code == grpc.StatusCode.UNAVAILABLE:
         return _unavailable(error, opts, call)
+    if code == grpc.StatusCode.UNAUTHENTICATED and _server_reason(error) == REVOKED_REASON:
+        return AuthError(
+            f"{call}: the server refused our site certificate: it has been revoked by the owner ({details})",
+            hint="ask the owner for a new site kit (`xkt-server provision add-site` after the revocation)",
+            reason=REVOKED_REASON,
+        )
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthError(
             f"{call}: the server refused our identity ({details})",
@@ -372,6 +399,7 @@ class SourceModelClient:
     """The three RPCs plus health, with deadlines, an idle watchdog and error translation."""
 
     def __init__(self, channel: grpc.Channel, opts: ChannelOptions) -> None:
+        self._channel = channel
         self._stub = pb_grpc.SourceModelStub(channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(channel)
         self.opts = opts
@@ -381,6 +409,19 @@ class SourceModelClient:
             return method(request, timeout=self.opts.unary_deadline_s)
         except grpc.RpcError as error:
             raise rpc_error(error, self.opts, call) from None
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the channel is connected again (gRPC reconnects with backoff); False after ``timeout_s``.
+
+        A call made while the channel is down fails at once, so a resume right after a
+        network cut would spend every attempt in milliseconds; waiting here first lets
+        the cut heal.
+        """
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
 
     def get_manifest(self) -> pb.Manifest:
         """The signed manifest as the server sends it (verify before trusting any field)."""

@@ -43,8 +43,8 @@ from xkt.shared.artifact import (
     read_state_dict,
     verify_artifact,
 )
-from xkt.shared.errors import ConfigError, TransportError, VerificationError
-from xkt.shared.files import fsync_dir
+from xkt.shared.errors import ConfigError, TransportError, VerificationError, XktError
+from xkt.shared.files import disk_full_error, fsync_dir, is_disk_full
 from xkt.shared.grpc_options import MAX_CHUNK_BYTES
 from xkt.shared.manifest import MAX_MANIFEST_BYTES, Manifest, check_batchnorm_layers, parse_signed_manifest
 from xkt.shared.models import BatchNormStats, batchnorm_statistics, build_model
@@ -54,6 +54,8 @@ from xkt.shared.serde import batchnorm_stats_from_proto
 logger = logging.getLogger("xkt")
 
 PART_SUFFIX = ".part"
+RECONNECT_WAIT_S = 30.0
+"""Before resuming an interrupted stream, wait this long at most for the connection to come back."""
 Progress = Callable[[int, int], None]
 """Called with (bytes held, total bytes) after every chunk written."""
 
@@ -104,8 +106,22 @@ def _stage_manifest(part_dir: Path, reply: pb.Manifest) -> None:
         if target.exists() and target.read_bytes() == data:
             continue
         tmp = part_dir / f".{name}.{uuid.uuid4().hex}"
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(error):
+                raise _cache_full(part_dir) from None
+            raise
         os.replace(tmp, target)
+
+
+def _cache_full(part_dir: Path) -> XktError:
+    return disk_full_error(
+        "the model download",
+        part_dir.parent,
+        hint="free space or choose another --out (the cache); fetch again: it resumes from the bytes already held",
+    )
 
 
 # ------------------------------------------------------------------ the cache
@@ -164,7 +180,20 @@ def check_chunk(chunk: pb.WeightsChunk, position: int, size: int) -> None:
 
 
 def _download(client: SourceModelClient, manifest: Manifest, part: Path, progress: Progress | None) -> int:
-    """Append the missing bytes to ``part`` from the server; return how many were received."""
+    """Append the missing bytes to ``part`` from the server; return how many were received.
+
+    A full disk stops the download with a ``disk-full`` error; what was written stays in the
+    ``.part`` file (a prefix of the weights, whatever the write managed) for the next fetch.
+    """
+    try:
+        return _append_chunks(client, manifest, part, progress)
+    except OSError as error:
+        if is_disk_full(error):
+            raise _cache_full(part.parent) from None
+        raise
+
+
+def _append_chunks(client: SourceModelClient, manifest: Manifest, part: Path, progress: Progress | None) -> int:
     size, sha = manifest.weights.size, manifest.weights.sha256
     with part.open("ab") as handle:
         position = handle.tell()
@@ -214,6 +243,8 @@ def _download_resuming(
             if attempt >= attempts:
                 raise
             logger.warning("weights stream interrupted (%s); resuming from byte %d", error.reason, part.stat().st_size)
+            if not client.wait_ready(RECONNECT_WAIT_S):  # the next attempt would fail at once on a dead channel
+                logger.warning("no connection to %s after %.0f s; trying anyway", client.opts.server, RECONNECT_WAIT_S)
 
 
 # ------------------------------------------------------------------ the whole fetch

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from xkt.client.methods import Batch, Method, MethodConfig, get_method
@@ -35,6 +37,7 @@ from xkt.client.monitoring import Monitor, MonitorConfig, guard_verdict, select_
 from xkt.shared.config import to_dict
 from xkt.shared.data import ImageDataset, PairedDataset
 from xkt.shared.errors import ConfigError
+from xkt.shared.files import disk_full_error, is_disk_full
 from xkt.shared.models import SourceClassifier
 from xkt.shared.training import Checkpoints, OptimConfig, lr_factor, optimizer_tensors, restore_optimizer
 
@@ -242,7 +245,7 @@ def adapt(
             state.update(epoch=epoch, stage=stage.name, seconds=time.perf_counter() - started)
             state.update(config=config, target_images=len(target))
             resume_tensors = _resume_tensors(model, algorithm, optimizer, previous)
-            checkpoints.save(state, resume_tensors, best)
+            _save_checkpoint(checkpoints, state, resume_tensors, best)
             logger.info("epoch %d (%s): %s; %s", epoch, stage.name, _fmt(losses), _fmt(entry.get("signals", {})))
         if "diverged" in state:
             break
@@ -254,6 +257,35 @@ def adapt(
     model.requires_grad_(True)
     state["seconds"] = time.perf_counter() - started
     return AdaptResult(model.eval(), _metrics(method, state, cfg.monitor, trained=True), config)
+
+
+def _save_checkpoint(
+    checkpoints: Checkpoints,
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    best: dict[str, torch.Tensor] | None,
+) -> None:
+    """Save the epoch's checkpoint; a full disk is a clear error, and the previous checkpoint stays usable."""
+    try:
+        checkpoints.save(state, tensors, best)
+    except (OSError, SafetensorError) as error:
+        if not _out_of_space(error, checkpoints.folder, tensors):
+            raise
+        for stem in ("last", "best"):  # this epoch's half-written files; latest.json still names the last good ones
+            (checkpoints.folder / f"{stem}-{state['epoch']:04d}.safetensors").unlink(missing_ok=True)
+        raise disk_full_error(
+            f"the epoch-{state['epoch']} checkpoint",
+            checkpoints.folder,
+            hint="free space, then rerun with --resume: it continues from the last complete checkpoint",
+        ) from None
+
+
+def _out_of_space(error: Exception, folder: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """ENOSPC/EDQUOT; safetensors' own writer reports no errno, so there: less room left than the tensors need."""
+    if isinstance(error, OSError):
+        return is_disk_full(error)
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    return shutil.disk_usage(folder).free < needed
 
 
 class Diverged(Exception):
@@ -352,10 +384,11 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
-        for name, term in terms.items():
-            sums[name] = sums.get(name, 0.0) + term.item()
+        values = {name: term.item() for name, term in terms.items()}
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value
         if progress is not None:
-            shown = " ".join(f"{name} {term.item():.3f}" for name, term in terms.items())
+            shown = " ".join(f"{name} {value:.3f}" for name, value in values.items())
             progress(f"{algorithm.name} {where.label}", index + 1, steps, shown)
     return {name: value / steps for name, value in sums.items()}
 

@@ -13,7 +13,10 @@ time taken does not reveal which site or prefix matched.
 no credentials): a verified client certificate (the TLS layer already checked it
 against the owner's CA) names the site by its common name, else a valid
 ``authorization: Bearer <token>`` does; anything else is aborted UNAUTHENTICATED with a
-fixed message.  The identity is available to the servicer via :func:`current_site`.
+fixed message.  A certificate revoked with ``xkt-server provision revoke`` gets its own
+message and the trailer ``xkt-reason: certificate-revoked``, so the site is told to ask
+for a new kit instead of retrying.  The identity is available to the servicer via
+:func:`current_site`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import grpc  # type: ignore[import-untyped, unused-ignore]  # no stubs in the de
 
 from xkt.shared.errors import ConfigError
 from xkt.shared.grpc_options import AUTH_METADATA_KEY
-from xkt.shared.tls import peer_cert_from_auth_context, site_id_from_cert
+from xkt.shared.tls import REASON_METADATA_KEY, REVOKED_REASON, peer_cert_from_auth_context, site_id_from_cert
 
 logger = logging.getLogger("xkt")
 
@@ -43,6 +46,7 @@ _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _EXEMPT_PREFIX = "/grpc.health.v1.Health/"
 ANONYMOUS = "anonymous"
 UNAUTHENTICATED_MESSAGE = "authentication required: present a site certificate or a valid bearer token"
+REVOKED_MESSAGE = "site certificate revoked by the owner"
 
 _current_site: contextvars.ContextVar[str] = contextvars.ContextVar("xkt_site", default=ANONYMOUS)
 
@@ -220,12 +224,25 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc, unused-igno
             )
         return handler  # the contract has no client-streaming RPCs; nothing else to wrap
 
+    def _presented_revoked(self, context: grpc.ServicerContext) -> bool:
+        """Did the caller present a chain-verified certificate that ``provision revoke`` revoked?"""
+        if not self._mtls or not self._revoked:
+            return False
+        cert = peer_cert_from_auth_context(context.auth_context())
+        return cert is not None and cert.serial_number in self._revoked
+
     def _authenticate(self, context: grpc.ServicerContext, method: str) -> str:
         site = self.identify(context)
         if site is None:
-            logger.warning("refused unauthenticated call to %s from %s", method, context.peer())
+            revoked = self._presented_revoked(context)
+            logger.warning(
+                "refused %s call to %s from %s", "revoked" if revoked else "unauthenticated", method, context.peer()
+            )
             if self._on_refused is not None:
                 self._on_refused(method)
+            if revoked:  # the site may know: it tells the site to ask for a new kit rather than retry
+                context.set_trailing_metadata(((REASON_METADATA_KEY, REVOKED_REASON),))
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_MESSAGE)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
             raise AssertionError("context.abort returned")  # abort always raises
         return site

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xkt.server.commands import audit, federate, import_weights, keys, provision, serve, tokens, train
+from xkt.server.commands import audit, federate, health, import_weights, keys, provision, serve, tokens, train
 from xkt.shared.cli_support import new_app
 
 app = new_app(
@@ -15,6 +15,7 @@ app.command("import-weights")(import_weights.import_weights)
 app.command("train")(train.train)
 app.command("serve")(serve.serve)
 app.command("federate")(federate.federate_command)
+app.command("health")(health.health)
 app.add_typer(audit.app, name="audit")
 app.add_typer(tokens.app, name="tokens")
 

@@ -36,6 +36,7 @@ import safetensors.numpy as safetensors_numpy
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import Scalar
 from flwr.serverapp import Grid, ServerApp
+from safetensors import safe_open
 
 from xkt.server.secure_aggregation import SecureRound, secure_mean
 from xkt.shared.artifact import load_artifact
@@ -59,6 +60,7 @@ from xkt.shared.signing import load_public_key
 logger = logging.getLogger("xkt")
 app = ServerApp()
 POLL_S = 1.0
+CHECKPOINT = "round-checkpoint.safetensors"  # OUT/: the global parameters after the last completed round
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class FederationConfig:
     secagg_clipping_range: float = 8.0  # |weighted update| bound of SecAgg+'s quantisation; beyond it a site refuses
     secagg_reconstruction_threshold: float = 0.67  # share of the sites' key shares needed to unmask (dropout tolerance)
     simulation_root: str = ""  # only `xkt-bench federated`: where its virtual sites' folders are
+    resume: bool = False  # continue after the last round completed in out-dir (after a SuperLink restart)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FederationConfig:
@@ -147,10 +150,12 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> list[RoundRecord]:
     shipment = Shipment(source.manifest.weights.sha256, *artifact_payload(model_dir))  # read once, sent to each site
     names = shared_names(source.model, keep_bn_affine_local=cfg.keep_bn_affine_local)
     global_shared, _ = split_state(source.model.state_dict(), names)
-    served: set[int] = set()  # sites that have the artifact
-    seen: set[int] = set()  # sites that took part in any round so far
     records: list[RoundRecord] = []
-    for round_number in range(1, cfg.rounds + 1):
+    if cfg.resume:
+        records, global_shared = resume_state(out, shipment.sha256, global_shared)
+    served: set[int] = set()  # sites that have the artifact (after a resume: resent once, sites cache by digest)
+    seen = {int(node) for record in records for node in record.metrics}  # sites that took part so far
+    for round_number in range(len(records) + 1, cfg.rounds + 1):
         record, replies = _round(grid, cfg, round_number, global_shared, shipment, (served, seen))
         if cfg.secure_aggregation:
             global_shared = _secure_step(grid, cfg, record, replies, global_shared, shipment.sha256)
@@ -158,6 +163,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> list[RoundRecord]:
             global_shared = weighted_average(list(replies.values()))
         records.append(record)
         _write_rounds(out, cfg, records)
+        _save_checkpoint(out, round_number, shipment.sha256, global_shared)
         print(round_table(records[-1:], header=round_number == 1), flush=True)
     _finish(grid, cfg, global_shared, shipment, served)
     _save_shared(out, global_shared)
@@ -352,6 +358,37 @@ def _write_rounds(out: Path, cfg: FederationConfig, records: list[RoundRecord]) 
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": asdict(cfg), "rounds": [asdict(r) for r in records]}
     replace_file(out / "rounds.json", (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _save_checkpoint(out: Path, round_number: int, artifact_sha256: str, shared: Arrays) -> None:
+    """The global parameters after ``round_number``: what a resumed run continues from."""
+    metadata = {"round": str(round_number), "artifact_sha256": artifact_sha256}
+    replace_file(out / CHECKPOINT, safetensors_numpy.save(shared, metadata=metadata))
+
+
+def resume_state(out: Path, artifact_sha256: str, start: Arrays) -> tuple[list[RoundRecord], Arrays]:
+    """(completed rounds, global parameters after them) from ``out``; ``([], start)`` when no round completed.
+
+    The checkpoint must belong to the same source model and fit its shared layout, and
+    rounds.json must cover its round; anything else is refused rather than mixed in.
+    """
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return [], start
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = dict(handle.metadata() or {})
+    shared = safetensors_numpy.load_file(path)
+    layout_fits = set(shared) == set(start) and all(shared[k].shape == start[k].shape for k in start)
+    rounds_file = out / "rounds.json"
+    history = json.loads(rounds_file.read_text(encoding="utf-8"))["rounds"] if rounds_file.is_file() else []
+    completed = int(metadata.get("round", "0"))
+    if metadata.get("artifact_sha256") != artifact_sha256 or not layout_fits or len(history) < completed:
+        raise ConfigError(
+            f"{path} does not continue this run (another model, layout or round history)",
+            hint="start a new federation with another --out, or without resuming",
+            reason="bad-resume",
+        )
+    return [RoundRecord(**record) for record in history[:completed]], {k: shared[k] for k in start}
 
 
 def _save_shared(out: Path, shared: dict[str, np.ndarray]) -> None:

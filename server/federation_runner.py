@@ -117,20 +117,35 @@ def _proxy_config(request: FederateRequest, superlink_port: int) -> FleetProxyCo
 
 def _run_app(link: SuperLink, request: FederateRequest, on_line: LineFn) -> None:
     """``flwr run`` the bundle with the typed run config and stream its output until the run ends."""
-    run_config = request.work / "run-config.toml"
-    run_config.write_text(_toml(asdict(request.run)), encoding="utf-8")
-    timeout = request.run_timeout_s or _default_timeout(request.run)
-    command = ["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--stream"]
+    run_config = write_run_config(request.work / "run-config.toml", request.run)
+    stream_run(link.home, run_config, request.run_timeout_s or _default_timeout(request.run), on_line)
+
+
+def write_run_config(path: Path, cfg: FederationConfig) -> Path:
+    """``cfg`` as the TOML file ``flwr run --run-config`` reads (hyphenated keys, as the bundle declares them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_toml(asdict(cfg)), encoding="utf-8")
+    return path
+
+
+def stream_run(home: Path, run_config: Path, timeout_s: float, on_line: LineFn, extra_args: Sequence[str] = ()) -> None:
+    """``flwr run APP_DIR`` against the SuperLink whose connection is in ``home``, streaming its output.
+
+    ``extra_args`` go to ``flwr run`` as they are, e.g. ``("--federation-config",
+    "num-supernodes=4")`` for a simulation.  A watchdog stops a run that outlives
+    ``timeout_s``, even a silent one; a failed or timed-out run is raised as an error.
+    """
+    command = ["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--stream", *extra_args]
     started = time.monotonic()
     process = subprocess.Popen(
         command,
-        env=flower_env(link.home),
+        env=flower_env(home),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
-    watchdog = threading.Timer(timeout, stop_group, args=(process, 15.0))  # a silent, hung run is stopped too
+    watchdog = threading.Timer(timeout_s, stop_group, args=(process, 15.0))  # a silent, hung run is stopped too
     watchdog.start()
     assert process.stdout is not None
     try:
@@ -141,9 +156,9 @@ def _run_app(link: SuperLink, request: FederateRequest, on_line: LineFn) -> None
         watchdog.cancel()
         if process.poll() is None:
             stop_group(process, 15.0)  # type: ignore[arg-type]
-    if time.monotonic() - started >= timeout:
+    if time.monotonic() - started >= timeout_s:
         raise TransportError(
-            f"the federated run did not finish within {timeout:.0f} s",
+            f"the federated run did not finish within {timeout_s:.0f} s",
             hint="raise the timeouts, or see the sites' SuperNode logs",
             reason="run-timeout",
         )

@@ -8,7 +8,11 @@ so memory stays bounded however many sites download at once.
 Refusals are :class:`Refusal` exceptions carrying a status code and a public message;
 :func:`_translated` turns them into ``context.abort`` and turns anything unexpected into
 a bare INTERNAL (the details go to the server log only, never to the peer).  Every call
-ends in one audit-log entry.
+that reaches the servicer ends in one audit-log entry.
+
+A request body that protobuf cannot parse never reaches a handler: gRPC itself would
+answer INTERNAL and log a traceback per request, so :class:`MalformedRequestGuard`
+answers INVALID_ARGUMENT instead, after authentication, for every service on the server.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import logging
 import re
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import grpc  # type: ignore[import-untyped, unused-ignore]  # no stubs in the dev deps yet
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped, unused-ignore]  # no stubs in the dev deps
+from grpc_health.v1 import health  # type: ignore[import-untyped, unused-ignore]
 
 from xkt.protos import source_model_pb2 as pb
 from xkt.protos import source_model_pb2_grpc as pb_grpc
@@ -39,6 +45,8 @@ logger = logging.getLogger("xkt")
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 T = TypeVar("T")
+MALFORMED_MESSAGE = "malformed request message"
+WATCH_UNIMPLEMENTED = "health Watch is not offered by this server; use Check"
 
 
 class Refusal(Exception):
@@ -129,6 +137,90 @@ def _translated(context: grpc.ServicerContext, body: Callable[[], T], on_fail: C
         on_fail(grpc.StatusCode.INTERNAL.name)
         context.abort(grpc.StatusCode.INTERNAL, "internal server error")
     raise AssertionError("context.abort returned")
+
+
+# ---------------------------------------------------------------- unparseable requests
+
+
+class _Malformed:
+    """What an unparseable request deserialises to (not None: gRPC reads None as its own failure)."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError:
+            return _MALFORMED
+
+    return parse
+
+
+def _refuse_malformed(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    def guarded(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+        if request is _MALFORMED:
+            logger.warning("refused a malformed %s request from %s", method, context.peer())
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_MESSAGE)
+        return behaviour(request, context, *callback)
+
+    # A "non-blocking" stream handler gets gRPC's send_response_callback (and no parked
+    # worker thread) only if the behaviour gRPC sees carries these flags: keep them.
+    for flag in ("experimental_non_blocking", "experimental_thread_pool"):
+        if hasattr(behaviour, flag):
+            setattr(guarded, flag, getattr(behaviour, flag))
+    return guarded
+
+
+class MalformedRequestGuard(grpc.ServerInterceptor):  # type: ignore[misc, unused-ignore]
+    """Answer a request body protobuf cannot parse with INVALID_ARGUMENT, not gRPC's INTERNAL.
+
+    Put it after the auth interceptor, so an unauthenticated peer still gets UNAUTHENTICATED.
+    """
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        method = str(handler_call_details.method)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _refuse_malformed(method, handler.unary_unary),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _refuse_malformed(method, handler.unary_stream),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # no client-streaming RPCs on this server
+
+
+class CheckOnlyHealthServicer(health.HealthServicer):  # type: ignore[misc, unused-ignore]
+    """The standard ``grpc.health.v1`` service, but ``Watch`` answers UNIMPLEMENTED.
+
+    grpcio-health-checking's non-blocking ``Watch`` sends while holding its lock, and a
+    watcher's close callback takes that lock on gRPC's event thread: a peer opening and
+    cancelling Watch streams quickly deadlocks the whole server (found by tests/fuzz).
+    Probes use ``Check``; a gRPC client doing client-side health checking reads
+    UNIMPLEMENTED as "health checking disabled" and keeps using the channel.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(experimental_non_blocking=False)
+
+    def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
+        """Refused: use ``Check`` (see the class docstring)."""
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, WATCH_UNIMPLEMENTED)
 
 
 # ---------------------------------------------------------------- the servicer

@@ -34,17 +34,17 @@ from xkt.protos import source_model_pb2, source_model_pb2_grpc
 from xkt.server.audit_log import AuditLog
 from xkt.server.auth import AuthInterceptor, load_tokens
 from xkt.server.provision import load_revoked
-from xkt.server.servicer import SourceModelServicer
+from xkt.server.servicer import CheckOnlyHealthServicer, MalformedRequestGuard, SourceModelServicer
 from xkt.shared.addresses import is_loopback, split_address
 from xkt.shared.artifact import verify_artifact
 from xkt.shared.errors import ConfigError, TransportError
 from xkt.shared.grpc_options import DEFAULT_CHUNK_BYTES, server_options
 from xkt.shared.signing import load_public_key
+from xkt.shared.tls_checks import load_tls_identity, load_trust_anchors
 
 logger = logging.getLogger("xkt")
 
 SERVICE_NAME = source_model_pb2.DESCRIPTOR.services_by_name["SourceModel"].full_name
-MAX_CERT_FILE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,11 @@ class ServeConfig:
     allow_anonymous: bool = False
     audit_log: Path | None = None
     chunk_size: int = DEFAULT_CHUNK_BYTES
-    max_workers: int = 8
+    max_workers: int = 8  # threads running calls: at most this many chunks are read and in flight at once
+    # Calls admitted beyond that wait for a worker (queued, costing only their HTTP/2 state); later ones
+    # are refused RESOURCE_EXHAUSTED.  A site holds one call at a time, so this is how many sites may
+    # download at once; 4 x 8 workers refused half of 64 sites (benchmarks/serve_load.py).
+    max_concurrent_rpcs: int = 256
     grace_s: float = 10.0
 
 
@@ -117,29 +121,22 @@ def check_transport(cfg: ServeConfig) -> None:
         )
 
 
-def _read_pem(path: Path, what: str) -> bytes:
-    try:
-        with Path(path).open("rb") as handle:
-            data = handle.read(MAX_CERT_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read {what} {path} ({exc.strerror})",
-            hint="check the path and permissions",
-            reason="unreadable-tls-file",
-        ) from None
-    if len(data) > MAX_CERT_FILE_BYTES or b"-----BEGIN " not in data:
-        raise ConfigError(f"{what} {path} is not a PEM file", hint="pass a PEM file", reason="bad-tls-file")
-    return data
-
-
 def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials (requiring client certificates when a client CA is set); None for insecure."""
+    """TLS credentials (requiring client certificates when a client CA is set); None for insecure.
+
+    The certificate, key and client CA are checked first (:mod:`xkt.shared.tls_checks`):
+    an expired or not-yet-valid certificate, a weak key or a key of another certificate
+    stops the server with a message naming the cause, instead of an opaque handshake
+    failure at every client.
+    """
     if cfg.insecure:
         return None
     assert cfg.tls_cert is not None and cfg.tls_key is not None  # check_transport ran first
-    pair = (_read_pem(cfg.tls_key, "TLS key"), _read_pem(cfg.tls_cert, "TLS certificate"))
-    client_ca = _read_pem(cfg.client_ca, "client CA") if cfg.client_ca is not None else None
-    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    chain, key = load_tls_identity(cfg.tls_cert, cfg.tls_key, what="server certificate", private=False)
+    client_ca = load_trust_anchors(cfg.client_ca, what="client CA") if cfg.client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _bind(server: grpc.Server, cfg: ServeConfig, credentials: grpc.ServerCredentials | None) -> int:
@@ -186,11 +183,11 @@ def run_server(cfg: ServeConfig) -> Iterator[RunningServer]:
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="xkt-rpc"),
-        interceptors=[interceptor],
+        interceptors=[interceptor, MalformedRequestGuard()],  # authenticate first, then parse
         options=server_options(),
-        maximum_concurrent_rpcs=cfg.max_workers * 4,
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
-    health_servicer = health.HealthServicer()
+    health_servicer = CheckOnlyHealthServicer()  # Watch could deadlock the server: see its docstring
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

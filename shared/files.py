@@ -9,11 +9,13 @@ callers choose the wording and the reason slugs their users see.
 
 Replacing a file that is not secret but must never be seen half-written (an index, a
 run record, a checkpoint pointer) goes through :func:`replace_file`; making a rename
-durable goes through :func:`fsync_dir`.
+durable goes through :func:`fsync_dir`.  A write that fails because the disk is full
+becomes one clear error through :func:`disk_full_error`, never an "internal error".
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -130,3 +132,15 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_disk_full(error: OSError) -> bool:
+    """True for "no space left on device" and "disk quota exceeded"."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(what: str, where: Path, hint: str) -> ConfigError:
+    """The error a command reports when writing ``what`` under ``where`` ran out of space (exit 3)."""
+    return ConfigError(
+        f"no space left on the device holding {where} while writing {what}", hint=hint, reason="disk-full"
+    )

@@ -235,7 +235,7 @@ def _parse_entry(name: str, value: Any) -> TensorEntry:
         raise _bad_header(f"{short(repr(name))} shape must be a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
         raise _bad_header(f"{short(repr(name))} data_offsets must be two non-negative integers")
-    if dtype not in _ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:  # a list or object is unhashable: test the type first
         raise _dtype_error(f"tensor {short(repr(name))} has unknown dtype {short(repr(dtype))}")
     return TensorEntry(dtype=dtype, shape=tuple(shape), data_offsets=(offsets[0], offsets[1]))
 

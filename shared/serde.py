@@ -15,7 +15,7 @@ import torch
 
 from xkt.protos import source_model_pb2 as pb
 from xkt.shared.errors import VerificationError
-from xkt.shared.manifest import Manifest
+from xkt.shared.manifest import Manifest, short
 from xkt.shared.models import BatchNormStats
 
 __all__ = ["batchnorm_stats_from_proto", "batchnorm_stats_to_proto", "manifest_to_proto"]
@@ -56,14 +56,15 @@ def batchnorm_stats_from_proto(msg: pb.BatchNormStats) -> list[BatchNormStats]:
         if not layer.name or layer.name in seen:
             raise _bad_stats(f"{where} has an empty or repeated name")
         seen.add(layer.name)
+        where = f"{where} ({short(repr(layer.name), 80)})"  # the peer chose the name: escaped, one line, bounded
         mean = torch.tensor(list(layer.running_mean), dtype=torch.float32)
         var = torch.tensor(list(layer.running_var), dtype=torch.float32)
         if mean.numel() == 0 or mean.shape != var.shape:
-            raise _bad_stats(f"{where} ({layer.name}) has {mean.numel()} means but {var.numel()} variances")
+            raise _bad_stats(f"{where} has {mean.numel()} means but {var.numel()} variances")
         if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all()):
-            raise _bad_stats(f"{where} ({layer.name}) has non-finite values or negative variances")
+            raise _bad_stats(f"{where} has non-finite values or negative variances")
         if not (math.isfinite(layer.momentum) and math.isfinite(layer.eps) and layer.eps > 0):
-            raise _bad_stats(f"{where} ({layer.name}) has an invalid momentum or eps")
+            raise _bad_stats(f"{where} has an invalid momentum or eps")
         out.append(BatchNormStats(layer.name, mean, var, float(layer.momentum), float(layer.eps)))
     return out
 

@@ -42,6 +42,12 @@ SITE_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 SITE_URI_PREFIX = "xkt://site/"
 """A site certificate's URI SAN is this prefix plus the site id: the identity the server trusts."""
 
+REASON_METADATA_KEY = "xkt-reason"
+"""Trailing metadata a server attaches to a refusal: a fixed slug, so a client need not parse messages."""
+
+REVOKED_REASON = "certificate-revoked"
+"""The slug of a refusal because ``xkt-server provision revoke`` revoked the site's certificate."""
+
 _PEM_MARKER = b"-----BEGIN "
 TLS_FILE_REASONS = FileReasons("tls-file-not-found", "tls-file-unreadable", "tls-not-a-file", "tls-file-too-large")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -52,13 +53,22 @@ class CA:
         return self.cert_path.read_bytes()
 
     def issue(
-        self, stem: str, common_name: str, *, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), server: bool
+        self,
+        stem: str,
+        common_name: str,
+        *,
+        dns: tuple[str, ...] = (),
+        ips: tuple[str, ...] = (),
+        server: bool,
+        valid: tuple[dt.datetime, dt.datetime] | None = None,
+        key: CertificateIssuerPrivateKeyTypes | None = None,
     ) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
+        """A leaf for ``common_name``; ``valid`` (not before, not after) and ``key`` default to now-5 min..+1 day, P-256."""
+        key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = _base(common_name, key, self.certificate.subject)
+        builder = _base(common_name, key, self.certificate.subject, valid)
         builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if sans:
@@ -67,20 +77,26 @@ class CA:
         return _write(self.folder, stem, cert, key)
 
 
-def _base(common_name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name) -> x509.CertificateBuilder:
+def _base(
+    common_name: str,
+    key: CertificateIssuerPrivateKeyTypes,
+    issuer: x509.Name,
+    valid: tuple[dt.datetime, dt.datetime] | None = None,
+) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
+    not_before, not_after = valid or (now - dt.timedelta(minutes=5), now + dt.timedelta(days=1))
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
     )
 
 
-def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Issued:
+def _write(folder: Path, stem: str, cert: x509.Certificate, key: CertificateIssuerPrivateKeyTypes) -> Issued:
     cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(

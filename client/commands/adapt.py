@@ -84,6 +84,7 @@ from xkt.shared.data import (
 )
 from xkt.shared.errors import ConfigError, DataError, GuardError
 from xkt.shared.evaluation import Accuracy, accuracy
+from xkt.shared.files import disk_full_error, is_disk_full
 from xkt.shared.log import emit_json, logger, progress_bar, stderr_console
 from xkt.shared.signing import fingerprint as key_fingerprint
 from xkt.shared.signing import generate_keypair, load_private_key, load_public_key
@@ -434,8 +435,17 @@ def _publish(
         (staging / REPORT_JSON).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         (staging / REPORT_MD).write_text(_markdown(report), encoding="utf-8")
         _replace(staging, out, overwrite)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise disk_full_error(
+            "the adapted model",
+            out.absolute().parent,
+            hint=f"free space or choose another --out; nothing was published, and the checkpoints in "
+            f"{_checkpoint_dir(out)} are kept: rerun with --resume to publish without training again",
+        ) from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a half-written artifact never stays behind
     return adapted.weights.sha256
 
 

@@ -41,7 +41,7 @@ def join_key(
 
 def join(
     superlink: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the owner's fleet proxy.")],
-    site: Annotated[Path, typer.Option("--site", help="The site folder (its site.toml holds the [policy]).")],
+    site: Annotated[Path, typer.Option("--site", help="The site folder (its site.toml holds the \\[policy] table).")],
     key: Annotated[Path, typer.Option("--key", help="The SuperNode private key (from `xkt-client join-key`).")],
     ca_cert: Annotated[Path, typer.Option("--ca-cert", help="The owner's CA certificate.")],
     owner_key: Annotated[Path, typer.Option("--owner-key", help="The owner's public key the model must verify with.")],
@@ -61,7 +61,7 @@ def join(
 ) -> None:
     """Start this site's SuperNode: it dials out to the owner, nothing listens here.
 
-    Every round runs only if SITE/site.toml's [policy] allows the owner key, the method and
+    Every round runs only if SITE/site.toml's \\[policy] table allows the owner key, the method and
     the app bundle's sha256; then only shared parameters and allowed metrics leave the site.
     """
     with command(json_output=json_output, verbose=verbose, quiet=quiet):

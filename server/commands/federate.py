@@ -91,6 +91,14 @@ def federate_command(
     ] = 0.67,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sites' local training.")] = 0,
     overrides: SetOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the federation in --out after its last completed round (after a crash).",
+            rich_help_panel=_ROUNDS,
+        ),
+    ] = False,
     json_output: JsonOption = False,
     verbose: VerboseOption = 0,
     quiet: QuietOption = False,
@@ -119,6 +127,7 @@ def federate_command(
             dp_clip_norm=dp_clip,
             dp_noise_multiplier=dp_noise,
             overrides=sets,
+            resume=resume,
             secure_aggregation=secure_aggregation,
             secagg_clipping_range=secagg_clip,
             secagg_reconstruction_threshold=secagg_threshold,

@@ -241,3 +241,38 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "gone"
+
+
+def test_an_owner_that_crashed_resumes_after_its_last_completed_round(federation: Federation) -> None:
+    """SIGKILL of ``xkt-server federate`` after round 1 (its SuperLink, proxy and run die with it); ``--resume``.
+
+    The restarted owner reuses the SuperLink's state database in ``--out``, so the sites'
+    SuperNodes (still running, retrying) reconnect with their node ids; the run continues
+    with round 2 from the global parameters round 1 produced, and both sites finish.
+    """
+    sites = [make_site(federation, f"resume{i}", i) for i in (0, 1)]
+    out = federation.root / "run-resume"
+    args = ["--rounds", "2", "--min-sites", "2", "--local-epochs", "1", "--join-timeout", "120"]
+    first = start_federate(federation, sites, out, *args)
+    procs = [first]
+    try:
+        ready = read_json_line(first, 120)
+        procs += [start_join(federation, site, ready["listen"]) for site in sites]
+        deadline = time.monotonic() + 300
+        while not (out / "round-checkpoint.safetensors").exists():
+            assert time.monotonic() < deadline and first.poll() is None, "round 1 never completed"
+            time.sleep(0.2)
+        first.kill()
+        first.wait()
+        port = ready["listen"].rsplit(":", 1)[1]
+        second = start_federate(federation, sites, out, *args, "--resume", "--listen", f"127.0.0.1:{port}")
+        procs.append(second)
+        assert read_json_line(second, 120)["listen"] == ready["listen"]  # the sites keep dialling the same address
+        result = finish(second, 400)
+    finally:
+        stop_all(procs)
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert result["rounds"][1]["replied"] == 2, result["rounds"][1]
+    for site in sites:
+        report = json.loads((site["out"] / "report.json").read_text())
+        assert [r["round"] for r in report["rounds"]] == [1, 2]

@@ -28,7 +28,7 @@ from xkt.protos import source_model_pb2 as pb
 from xkt.server.serving import RunningServer, ServeConfig, run_server
 from xkt.shared.artifact import verify_artifact
 from xkt.shared.cli_support import new_app
-from xkt.shared.errors import AuthError, TransportError, XktError
+from xkt.shared.errors import TransportError, XktError
 from xkt.shared.grpc_options import MIN_CHUNK_BYTES
 from xkt.shared.models import ArchSpec
 from xkt.shared.signing import load_public_key
@@ -145,41 +145,14 @@ def test_wrong_token_exits_6(owner: OwnerFiles, tls_server: RunningServer, tmp_p
     assert code == 6 and json.loads(out)["error"]["reason"] == "refused-identity"
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["other-ca-client-cert", "untrusted-server-ca", "hostname-mismatch", "plaintext-vs-tls", "wrong-owner-key"],
-)
-def test_refusals(
-    owner: OwnerFiles, tls_server: RunningServer, mtls_server: RunningServer, tmp_path: Path, case: str
+def test_wrong_owner_key_is_refused_before_any_weights(
+    owner: OwnerFiles, tls_server: RunningServer, tmp_path: Path
 ) -> None:
-    tls = token_opts(owner, tls_server.port)
-    options = {
-        "other-ca-client-cert": ChannelOptions(
-            f"127.0.0.1:{mtls_server.port}",
-            ca_cert=owner.pki.ca.cert_path,
-            client_cert=owner.pki.impostor.cert_path,
-            client_key=owner.pki.impostor.key_path,
-        ),
-        "untrusted-server-ca": replace(tls, ca_cert=owner.pki.other_ca.cert_path),
-        "hostname-mismatch": replace(tls, server_name="elsewhere.example"),
-        "plaintext-vs-tls": replace(tls, ca_cert=None, insecure=True),
-        "wrong-owner-key": tls,
-    }[case]
-    with pytest.raises(XktError) as info:
-        if case == "wrong-owner-key":
-            with open_channel(options) as channel:
-                fetch_artifact(SourceModelClient(channel, options), [load_public_key(owner.other_pub)], tmp_path)
-        else:
-            run_fetch(replace(options, unary_attempts=1), owner, tmp_path)
-    expected = {
-        "other-ca-client-cert": "refused our client certificate",
-        "untrusted-server-ca": "untrusted server CA",
-        "hostname-mismatch": "hostname mismatch",
-        "plaintext-vs-tls": "expects TLS",
-        "wrong-owner-key": "not a trusted key",
-    }[case]
-    assert expected in info.value.message, info.value.message
-    assert isinstance(info.value, (TransportError, AuthError)) or case == "wrong-owner-key"
+    """The TLS refusals (CA, names, client certificates, plaintext, ...) are in test_tls_matrix.py."""
+    options = token_opts(owner, tls_server.port)
+    with pytest.raises(XktError) as info, open_channel(options) as channel:
+        fetch_artifact(SourceModelClient(channel, options), [load_public_key(owner.other_pub)], tmp_path)
+    assert "not a trusted key" in info.value.message, info.value.message
     assert not any(tmp_path.glob("*.part/weights*"))  # nothing was downloaded
 
 

@@ -81,3 +81,13 @@ def test_from_proto_builds_float32_tensors() -> None:
     (stats,) = batchnorm_stats_from_proto(pb.BatchNormStats(layers=[_layer()]))
     assert isinstance(stats, BatchNormStats) and stats.running_mean.dtype == torch.float32
     assert stats.running_var.tolist() == [1.0, 2.0]
+
+
+def test_a_hostile_layer_name_stays_one_escaped_bounded_line() -> None:
+    """Regression (found by tests/fuzz): the server chooses layer names; a newline split the message."""
+    name = "bn\n\x1b[31mred" + "x" * 500
+    with pytest.raises(VerificationError) as info:
+        batchnorm_stats_from_proto(pb.BatchNormStats(layers=[_layer(name=name, eps=0.0)]))
+    message = info.value.message
+    assert "\n" not in message and "\x1b" not in message and len(message) < 300
+    assert "'bn\\n\\x1b[31mred" in message and "eps" in message

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from xkt.benchmarks.serve_load import main, percentile
+from xkt.benchmarks.serve_load import FETCH, MANIFEST, Outcome, main, percentile, summarize
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -19,11 +19,31 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
 
 
+def test_summary_keeps_manifest_calls_apart_from_fetches() -> None:
+    outcomes = [
+        Outcome(0.0, 2.0, 100, None, FETCH),
+        Outcome(2.0, 2.01, 5, None, MANIFEST),
+        Outcome(2.0, 2.03, 5, None, MANIFEST),
+        Outcome(2.5, 3.0, 0, "RpcError: boom", MANIFEST),
+        Outcome(3.0, 4.0, 100, None, FETCH),
+    ]
+    summary = summarize(outcomes, load_start=0.0)
+
+    assert (summary["fetches"], summary["manifest_calls"], summary["errors"]) == (2, 2, 1)
+    assert summary["error_samples"] == ["manifest: RpcError: boom"]
+    assert summary["bytes"] == 200 and summary["throughput_mb_s"] == round(200 / 1e6 / 4.0, 1)
+    assert summary["latency_p50_s"] == 1.0 and summary["latency_p99_s"] == 2.0
+    assert summary["manifest_latency_p50_s"] == pytest.approx(0.01) and summary[
+        "manifest_latency_max_s"
+    ] == pytest.approx(0.03)
+
+
 def test_tiny_load_run_has_no_errors(capsys: pytest.CaptureFixture[str]) -> None:
     result = main(["--clients", "2", "--model-mb", "1", "--seconds", "3", "--json"])
 
     assert result["errors"] == 0 and result["error_samples"] == []
-    assert result["fetches"] >= 2
+    assert result["fetches"] >= 2 and result["manifest_calls"] >= result["fetches"]
+    assert 0 < result["manifest_latency_p50_s"] <= result["manifest_latency_p99_s"] <= result["manifest_latency_max_s"]
     assert result["bytes"] == result["fetches"] * result["model"]["bytes"]
     assert 0 < result["latency_p50_s"] <= result["latency_p99_s"] <= result["latency_max_s"]
     assert result["throughput_mb_s"] > 0 and result["raw_mb_s"] > 0
