@@ -98,7 +98,14 @@ def federate(request: FederateRequest, on_line: LineFn, on_ready: Callable[[str,
         started = time.monotonic()
         _run_app(link, request, on_line)
         seconds = time.monotonic() - started
-    rounds = json.loads((Path(request.run.out_dir) / "rounds.json").read_text(encoding="utf-8"))
+    rounds_file = Path(request.run.out_dir) / "rounds.json"
+    if not rounds_file.is_file():  # the ServerApp stopped before its first round (its error is in the output above)
+        raise ConfigError(
+            "the federated run ended before any round completed",
+            hint="see the run's output above; usually fewer than --min-sites sites joined within --join-timeout",
+            reason="no-rounds",
+        )
+    rounds = json.loads(rounds_file.read_text(encoding="utf-8"))
     return {"ok": True, "app_sha256": fab, "seconds": round(seconds, 1), **rounds}
 
 

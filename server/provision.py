@@ -116,8 +116,9 @@ def init_pki(
 ) -> PkiPaths:
     """Create the CA and the server certificate in a new PKI folder; never overwrite one.
 
-    127.0.0.1 is always among the server's SANs so a local server and client work out of
-    the box; a remote server needs its real DNS name or IP (clients check it).
+    127.0.0.1 and localhost are always among the server's SANs, so a local server and client
+    work out of the box and the fleet proxy can verify the SuperLink it forwards to (it dials
+    localhost); a remote server needs its real DNS name or IP (clients check it).
     """
     paths = PkiPaths.of(pki_dir)
     names, ips = _check_server_names(server_names), _check_server_ips(server_ips)
@@ -164,6 +165,8 @@ def _check_server_names(names: Sequence[str]) -> list[str]:
             )
         if lowered not in out:
             out.append(lowered)
+    if "localhost" not in out:  # the fleet proxy dials the owner's own SuperLink as localhost
+        out.append("localhost")
     return out
 
 

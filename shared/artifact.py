@@ -140,7 +140,7 @@ def _require_trusted_keys(trusted_keys: Sequence[Ed25519PublicKey]) -> list[Ed25
     if not keys:
         raise VerificationError(
             "no trusted owner key was given, so no artifact can be accepted",
-            hint="pass the model owner's public key file (owner.pub) with --trusted-key",
+            hint="pass the model owner's public key file (owner.pub) with --owner-key",
             reason="no-trusted-keys",
         )
     for key in keys:
@@ -223,7 +223,7 @@ def check_signature(manifest_bytes: bytes, signature: bytes, keys: list[Ed25519P
             f"the artifact is signed by owner key {claimed}, which is not a trusted key "
             f"(trusted: {', '.join(trusted)})",
             hint=f"if you trust that owner, pass their public key file (the owner.pub whose fingerprint is {claimed})"
-            " with --trusted-key; otherwise do not use this model",
+            " with --owner-key; otherwise do not use this model",
             reason="untrusted-key",
         )
     raise VerificationError(

@@ -276,3 +276,16 @@ def test_an_owner_that_crashed_resumes_after_its_last_completed_round(federation
     for site in sites:
         report = json.loads((site["out"] / "report.json").read_text())
         assert [r["round"] for r in report["rounds"]] == [1, 2]
+
+
+def test_no_site_joining_in_time_is_a_clean_error(federation: Federation) -> None:
+    site = make_site(federation, "absent", 0)  # registered, but never joins
+    out = federation.root / "run-absent"
+    owner = start_federate(federation, [site], out, "--rounds", "1", "--min-sites", "1", "--join-timeout", "5")
+    try:
+        assert read_json_line(owner, 120)["event"] == "ready"
+        owner.wait(timeout=120)
+        result = read_json_line(owner, 5)
+    finally:
+        stop_all([owner])
+    assert owner.returncode == 3 and result["error"]["reason"] == "no-rounds", result
