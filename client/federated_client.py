@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -200,6 +201,7 @@ def adapt_round(msg: Message, context: Context) -> Message:
     adapted, examples, signals = _train(setup, settings, source, model)
     seconds = time.perf_counter() - started
     _save_local(setup.out, adapted)
+    shutil.rmtree(setup.out / f"round-{settings.round}.ckpt", ignore_errors=True)  # only a half-done round needs it
     upload = _upload(adapted, names, global_shared, settings, policy)
     metrics = {"num-examples": float(examples), "train-seconds": seconds, **signals, **_eval(setup, source, adapted)}
     local_digest = local_state_sha256(adapted, names)
