@@ -18,6 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from owner_fixtures import save_signed_toy
+from tls_fixtures import make_pki
+
+from xkt.server.federation_runner import app_sha256
+from xkt.shared.models import resolve_arch
+from xkt.shared.render import TASK_CLASSES
 from xkt.shared.signing import fingerprint, load_public_key
 
 BIN = Path(sys.executable).parent
@@ -39,6 +45,28 @@ class Federation:
     cert: Path
     key: Path
     app_sha256: str
+
+
+def make_federation(root: Path) -> Federation:
+    """Two sites' data, a signed tiny model and a PKI: what ``xkt-server federate`` is given in the tests."""
+    data = root / "data"
+    run("xkt-bench", "data", "--out", str(data), "--per-class", "2", "--site-per-class", "8", "--size", "32",
+        "--sites", "2", "--skew", "1", "-q")  # fmt: skip
+    toy = save_signed_toy(
+        root / "owner", arch=resolve_arch("resnet_tiny", {}, len(TASK_CLASSES)), class_names=TASK_CLASSES
+    )
+    pki = make_pki(root / "pki")
+    pki.server.key_path.chmod(0o600)  # the proxy refuses a private key others can read
+    return Federation(
+        root=root,
+        data=data,
+        model=toy.model_dir,
+        owner_pub=toy.owner_pub,
+        ca=pki.ca.cert_path,
+        cert=pki.server.cert_path,
+        key=pki.server.key_path,
+        app_sha256=app_sha256(),
+    )
 
 
 def make_site(

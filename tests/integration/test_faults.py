@@ -57,20 +57,18 @@ from typing import Any
 import pytest
 
 from xkt.server.federated_server import FederationConfig
-from xkt.server.federation_runner import app_sha256, stream_run, write_run_config
+from xkt.server.federation_runner import stream_run, write_run_config
 from xkt.server.serving import run_server
 from xkt.server.superlink import CONNECTION, SuperLink, SuperLinkConfig, flwr, register_site
 from xkt.shared.artifact import MANIFEST_FILE, SIGNATURE_FILE, WEIGHTS_FILE, verify_artifact
 from xkt.shared.data import IMAGENET_MEAN, IMAGENET_STD
-from xkt.shared.models import ArchSpec, resolve_arch
-from xkt.shared.render import TASK_CLASSES
+from xkt.shared.models import ArchSpec
 from xkt.shared.shapes_benchmark import ShapesConfig, write_shapes_benchmark
 from xkt.shared.signing import generate_keypair, load_public_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from federation_fixtures import Federation, make_site, run, start_join, stop_all  # noqa: E402
-from owner_fixtures import BIN, OwnerFiles, make_owner, save_signed_toy  # noqa: E402
-from tls_fixtures import make_pki  # noqa: E402
+from federation_fixtures import Federation, make_federation, make_site, start_join, stop_all  # noqa: E402
+from owner_fixtures import BIN, OwnerFiles, make_owner  # noqa: E402
 
 ARCH = ArchSpec("resnet_tiny", num_classes=6, kwargs={"width": 8})
 CLASSES = ["box", "capsule", "cone", "cylinder", "sphere", "torus"]  # the shapes benchmark's classes
@@ -439,17 +437,7 @@ def test_network_cut_during_fetch_resumes_to_the_right_digest(
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
     """Two sites' data, a signed tiny model, a PKI: what ``xkt-server federate`` would be given."""
-    root = tmp_path_factory.mktemp("faults-fed")
-    data = root / "data"
-    run("xkt-bench", "data", "--out", str(data), "--per-class", "2", "--site-per-class", "8", "--size", "32",
-        "--sites", "2", "--skew", "1", "-q")  # fmt: skip
-    toy = save_signed_toy(
-        root / "owner", arch=resolve_arch("resnet_tiny", {}, len(TASK_CLASSES)), class_names=TASK_CLASSES
-    )
-    pki = make_pki(root / "pki")
-    pki.server.key_path.chmod(0o600)
-    return Federation(root, data, toy.model_dir, toy.owner_pub, pki.ca.cert_path, pki.server.cert_path,
-                      pki.server.key_path, app_sha256())  # fmt: skip
+    return make_federation(tmp_path_factory.mktemp("faults-fed"))
 
 
 def online_nodes(link: SuperLink) -> set[str]:

@@ -25,26 +25,21 @@ import safetensors.numpy as safetensors_numpy
 import torch
 from safetensors import safe_open
 
-from xkt.server.federation_runner import app_sha256
 from xkt.shared.artifact import load_artifact
 from xkt.shared.federation import shared_names, split_state, weighted_average
-from xkt.shared.models import resolve_arch
-from xkt.shared.render import TASK_CLASSES
 from xkt.shared.signing import load_public_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from federation_fixtures import (  # noqa: E402
     Federation,
     finish,
+    make_federation,
     make_site,
     read_json_line,
-    run,
     start_federate,
     start_join,
     stop_all,
 )
-from owner_fixtures import save_signed_toy  # noqa: E402
-from tls_fixtures import make_pki  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -54,25 +49,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
-    root = tmp_path_factory.mktemp("fed")
-    data = root / "data"
-    run("xkt-bench", "data", "--out", str(data), "--per-class", "2", "--site-per-class", "8", "--size", "32",
-        "--sites", "2", "--skew", "1", "-q")  # fmt: skip
-    toy = save_signed_toy(
-        root / "owner", arch=resolve_arch("resnet_tiny", {}, len(TASK_CLASSES)), class_names=TASK_CLASSES
-    )
-    pki = make_pki(root / "pki")
-    pki.server.key_path.chmod(0o600)  # the proxy refuses a private key others can read
-    return Federation(
-        root=root,
-        data=data,
-        model=toy.model_dir,
-        owner_pub=toy.owner_pub,
-        ca=pki.ca.cert_path,
-        cert=pki.server.cert_path,
-        key=pki.server.key_path,
-        app_sha256=app_sha256(),
-    )
+    return make_federation(tmp_path_factory.mktemp("fed"))
 
 
 def kill_site(join: subprocess.Popen[bytes], supernode_pid: int) -> None:
